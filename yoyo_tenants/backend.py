@@ -1,0 +1,363 @@
+"""A yoyo backend scoped to one PostgreSQL schema.
+
+Registered as yoyo's ``postgresql+tenant`` scheme, so plain yoyo works on one tenant::
+
+    yoyo apply --batch --database 'postgresql+tenant://app@db/app?schema=tid_cf4116b064' \
+        migrations/tenant
+
+It closes the traps yoyo's PostgreSQL backend has when one migration set serves many schemas
+(see shared/YOYO-NOTES.md):
+
+* the schema name is quoted, and a schema that does not exist is an error, never a fall-through
+  to ``public``;
+* ``search_path`` is set inside each transaction (``set_config(..., true)``), never on the session,
+  so nothing leaks through a transaction-pooling PgBouncer;
+* yoyo's log, migration and version tables live in the schema and are always named with it;
+* a migration, its log row and its mark commit together, on one connection, under a
+  transaction-level advisory lock on the schema, which the server releases if the client dies;
+* each applied migration records its batch (for "roll back the last run") and a checksum of its
+  files (to notice a migration edited after it was applied).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+
+from psycopg2 import sql
+from yoyo import exceptions
+from yoyo.backends.core.postgresql import PostgresqlBackend
+from yoyo.migrations import Migration, default_migration_table
+
+from .errors import LockBusy, NotReady
+
+MAX_IDENTIFIER_BYTES = 63
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    """One row of a schema's migration table."""
+
+    migration_hash: str
+    migration_id: str
+    applied_at: datetime
+    batch: int
+    checksum: str | None
+
+
+def check_schema_name(name: str) -> str:
+    """Refuse names PostgreSQL would truncate or reject; quoting makes anything else safe."""
+    if not name or "\x00" in name or len(name.encode()) > MAX_IDENTIFIER_BYTES:
+        raise NotReady(f"invalid schema name {name!r}")
+    return name
+
+
+@cache
+def migration_checksum(path: str) -> str:
+    """sha256 of a migration's file and, for SQL, its .rollback.sql twin."""
+    digest = hashlib.sha256(Path(path).read_bytes())
+    rollback = Path(path).with_suffix(".rollback.sql")
+    if path.endswith(".sql") and rollback.exists():
+        digest.update(b"\0rollback\0" + rollback.read_bytes())
+    return digest.hexdigest()
+
+
+@cache
+def _log_identity() -> tuple[str, str]:
+    # yoyo looks these up for every log row; socket.getfqdn() alone can take milliseconds.
+    return getpass.getuser(), socket.getfqdn()
+
+
+class TenantBackend(PostgresqlBackend):
+    """yoyo's PostgreSQL backend, confined to the schema named by the URI's ``schema`` argument."""
+
+    schema = "public"
+    #: The batch number recorded with each applied migration; set per run, or the next one free.
+    batch: int | None = None
+    #: Seconds to wait for another run's lock on the schema before giving up.
+    lock_wait = 60.0
+
+    create_internal_tables_sql = """
+        CREATE TABLE IF NOT EXISTS {migrations} (
+            migration_hash VARCHAR(64) PRIMARY KEY,
+            migration_id VARCHAR(255),
+            applied_at_utc TIMESTAMP,
+            batch INTEGER NOT NULL DEFAULT 0,
+            checksum VARCHAR(64)
+        );
+        ALTER TABLE {migrations} ADD COLUMN IF NOT EXISTS batch INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE {migrations} ADD COLUMN IF NOT EXISTS checksum VARCHAR(64);
+        CREATE TABLE IF NOT EXISTS {log} (
+            id VARCHAR(36) PRIMARY KEY,
+            migration_hash VARCHAR(64),
+            migration_id VARCHAR(255),
+            operation VARCHAR(10),
+            username VARCHAR(255),
+            hostname VARCHAR(255),
+            comment VARCHAR(255),
+            created_at_utc TIMESTAMP
+        );
+        CREATE TABLE IF NOT EXISTS {version} (
+            version INT NOT NULL PRIMARY KEY,
+            installed_at_utc TIMESTAMP
+        );
+        INSERT INTO {version} VALUES (2, now() AT TIME ZONE 'utc') ON CONFLICT DO NOTHING
+    """
+    applied_sql = """
+        SELECT migration_hash, migration_id, applied_at_utc, batch, checksum
+        FROM {migrations} ORDER BY batch, applied_at_utc, migration_id
+    """
+    mark_migration_sql = (
+        "INSERT INTO {0.migration_table_quoted} "
+        "(migration_hash, migration_id, applied_at_utc, batch, checksum) "
+        "VALUES (:migration_hash, :migration_id, :when, :batch, :checksum)"
+    )
+    list_tables_sql = (
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = :schema"
+    )
+
+    def __init__(self, dburi, migration_table=default_migration_table):
+        super().__init__(dburi, migration_table)
+        self.use_schema(self.schema)
+
+    # -- scope ---------------------------------------------------------------------------------
+
+    def connect(self, dburi):
+        connection = super().connect(dburi)  # pops the "schema" argument into self.schema
+        self.schema = self.schema or "public"
+        return connection
+
+    def use_schema(self, schema: str, tables_ready: bool = False) -> None:
+        """Point this backend (and its connection) at another schema, between transactions.
+
+        `tables_ready` says the schema's migration tables are known to be up to date, sparing a
+        round of CREATE TABLE IF NOT EXISTS per schema in runs over many schemas.
+        """
+        assert not self._in_transaction
+        self.schema = check_schema_name(schema)
+        self.batch = None
+        self._internal_schema_updated = tables_ready
+
+    @property
+    def search_path(self) -> str:
+        # public stays second so that extension types installed there (pgvector) resolve.
+        if self.schema == "public":
+            return "public"
+        return sql.SQL("{}, public").format(sql.Identifier(self.schema)).as_string(self.connection)
+
+    def qualified(self, table: str) -> str:
+        return sql.Identifier(self.schema, table).as_string(self.connection)
+
+    @property
+    def migration_table_quoted(self) -> str:
+        return self.qualified(self.migration_table)
+
+    @property
+    def log_table_quoted(self) -> str:
+        return self.qualified(self.log_table)
+
+    @property
+    def version_table_quoted(self) -> str:
+        return self.qualified(self.version_table)
+
+    def init_database(self):
+        # yoyo creates a lock table and probes transactional DDL with a scratch table here, for
+        # every schema. PostgreSQL has transactional DDL, and our lock is an advisory lock.
+        self.has_transactional_ddl = True
+        found = self.execute(
+            "SELECT 1 FROM pg_namespace WHERE nspname = :schema", {"schema": self.schema}
+        )
+        if found.fetchone() is None:
+            raise NotReady(f"schema {self.schema} does not exist")
+
+    def init_connection(self, connection):
+        # Deliberately nothing: the search_path is set per transaction in begin().
+        pass
+
+    def begin(self):
+        assert not self._in_transaction
+        self._in_transaction = True
+        self.execute(
+            "BEGIN; SELECT set_config('search_path', :path, true)", {"path": self.search_path}
+        )
+
+    def list_tables(self, **kwargs):
+        return super(PostgresqlBackend, self).list_tables(schema=self.schema, **kwargs)
+
+    # -- locking -------------------------------------------------------------------------------
+
+    def lock_schema(self, wait: float | None = None) -> None:
+        """Take this schema's advisory lock for the current transaction, waiting at most `wait`."""
+        assert self._in_transaction
+        wait = self.lock_wait if wait is None else wait
+        cursor = self.cursor()
+        cursor.execute(
+            "SELECT set_config('lock_timeout', %s, true)", (f"{max(int(wait * 1000), 1)}ms",)
+        )
+        cursor.execute("SAVEPOINT yoyo_tenants_lock")
+        try:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (self._key,))
+        except self.driver.errors.LockNotAvailable as exc:
+            cursor.execute("ROLLBACK TO SAVEPOINT yoyo_tenants_lock")
+            raise LockBusy(f"schema {self.schema} is locked by another run") from exc
+        cursor.execute("SELECT set_config('lock_timeout', '0', true)")
+
+    @contextmanager
+    def lock(self, timeout=10):
+        """yoyo's whole-run lock, as a session advisory lock instead of a row in yoyo_lock.
+
+        The server drops it when the session ends, so a killed run leaves nothing to break.
+        """
+        if self._is_locked:
+            yield
+            return
+        deadline = time.monotonic() + timeout
+        while not self.execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(:key, 0))", {"key": self._key}
+        ).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise exceptions.LockTimeout(f"schema {self.schema} is locked by another run")
+            time.sleep(0.1)
+        self._is_locked = True
+        try:
+            yield
+        finally:
+            self._is_locked = False
+            self.execute("SELECT pg_advisory_unlock(hashtextextended(:key, 0))", {"key": self._key})
+
+    def create_lock_table(self):
+        pass
+
+    def break_lock(self):
+        pass  # advisory locks die with their session; there is nothing to break
+
+    @property
+    def _key(self) -> str:
+        return f"yoyo-tenants:{self.schema}"
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def ensure_internal_schema_updated(self):
+        if self._internal_schema_updated:
+            return
+        if self._in_transaction:
+            self.create_internal_tables()
+        else:
+            with self.transaction():
+                self.create_internal_tables()
+        self._internal_schema_updated = True
+
+    def create_internal_tables(self) -> None:
+        """Create (or bring up to date) the schema's migration, log and version tables."""
+        self.execute(
+            self.create_internal_tables_sql.format(
+                migrations=self.migration_table_quoted,
+                log=self.log_table_quoted,
+                version=self.version_table_quoted,
+            )
+        )
+        self._internal_schema_updated = True
+
+    def applied(self) -> list[AppliedMigration]:
+        """The schema's applied migrations, oldest first."""
+        self.ensure_internal_schema_updated()
+        rows = self.execute(self.applied_sql.format(migrations=self.migration_table_quoted))
+        return [AppliedMigration(*row) for row in rows.fetchall()]
+
+    def get_applied_migration_hashes(self):
+        return [m.migration_hash for m in self.applied()]
+
+    def next_batch(self) -> int:
+        self.ensure_internal_schema_updated()
+        query = f"SELECT coalesce(max(batch), 0) + 1 FROM {self.migration_table_quoted}"
+        return self.execute(query).fetchone()[0]
+
+    def mark_one(self, migration, log=True):
+        self.ensure_internal_schema_updated()
+        if self.batch is None:
+            self.batch = self.next_batch()
+        self.execute(
+            self.format_sql(self.mark_migration_sql),
+            {
+                "migration_hash": migration.hash,
+                "migration_id": migration.id,
+                "when": datetime.now(timezone.utc).replace(tzinfo=None),
+                "batch": self.batch,
+                "checksum": migration_checksum(migration.path),
+            },
+        )
+        if log:
+            self.log_migration(migration, "mark")
+
+    def get_log_data(self, migration=None, operation="apply"):
+        data = super().get_log_data(migration, operation)
+        data["username"], data["hostname"] = _log_identity()
+        return data
+
+    # -- applying ------------------------------------------------------------------------------
+
+    def apply_one(self, migration: Migration, force=False, mark=True):
+        """Apply one migration: its steps, its log row and its mark commit together.
+
+        (yoyo runs the steps on a second connection and records them afterwards in separate
+        transactions, so a crash in between leaves a schema migrated but unrecorded.)
+        """
+        migration.load()
+        if not migration.use_transactions:
+            return self._without_transaction(migration, "apply", force, mark)
+        with self.transaction():
+            self.lock_schema()
+            if mark and migration.hash in self.get_applied_migration_hashes():
+                return  # a concurrent run applied it while we waited for the lock
+            self.apply_in_transaction(migration, force=force, mark=mark)
+
+    def apply_in_transaction(self, migration: Migration, force=False, mark=True) -> None:
+        """Apply inside the caller's transaction; a failure rolls back to this migration's start."""
+        with self.transaction():  # a savepoint: the migration boundary
+            migration.process_steps(self, "apply", force=force)
+            self.log_migration(migration, "apply")
+            if mark:
+                self.mark_one(migration, log=False)
+
+    def rollback_one(self, migration: Migration, force=False):
+        migration.load()
+        if not migration.use_transactions:
+            return self._without_transaction(migration, "rollback", force, mark=True)
+        with self.transaction():
+            self.lock_schema()
+            if migration.hash not in self.get_applied_migration_hashes():
+                return  # a concurrent run rolled it back while we waited
+            self.rollback_in_transaction(migration, force=force)
+
+    def rollback_in_transaction(self, migration: Migration, force=False) -> None:
+        with self.transaction():
+            migration.process_steps(self, "rollback", force=force)
+            self.log_migration(migration, "rollback")
+            self.unmark_one(migration, log=False)
+
+    def _without_transaction(self, migration: Migration, direction: str, force, mark) -> None:
+        # CREATE INDEX CONCURRENTLY and friends cannot run in a transaction block, so neither can
+        # a SET LOCAL search_path: the session's search_path is set for the steps and reset after.
+        with self.transaction():
+            self.lock_schema()
+            applied = migration.hash in self.get_applied_migration_hashes()
+        if mark and applied == (direction == "apply"):
+            return  # a concurrent run got there first
+        self.execute("SELECT set_config('search_path', :path, false)", {"path": self.search_path})
+        try:
+            migration.process_steps(self, direction, force=force)
+        finally:
+            self.execute("RESET search_path")
+        with self.transaction():
+            self.log_migration(migration, direction)
+            if mark and direction == "apply":
+                self.mark_one(migration, log=False)
+            elif mark:
+                self.unmark_one(migration, log=False)

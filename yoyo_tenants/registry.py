@@ -1,0 +1,98 @@
+"""The tenant registry: which organizations exist and which schema holds each one's tables.
+
+The registry is the table ``public.tenants``, created by the master migrations. A tenant's
+schema name is derived from its Clerk org id (``tid_`` + 10 hex characters of its sha256) and
+stored with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+from .errors import NotReady, UnknownTenant, UsageError
+
+ORG_ID = re.compile(r"org_[A-Za-z0-9]+")
+MAX_ORG_ID_LENGTH = 64
+SCHEMA_PREFIX = "tid_"
+SCHEMA_NAME = re.compile(r"tid_[0-9a-f]{10}")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    org_id: str
+    schema: str
+    status: str = "active"
+
+
+def check_org_id(org_id: str) -> str:
+    """Return `org_id` if it is a Clerk organization id (``org_`` + letters and digits)."""
+    if len(org_id) > MAX_ORG_ID_LENGTH or not ORG_ID.fullmatch(org_id):
+        shown = org_id if len(org_id) <= MAX_ORG_ID_LENGTH else org_id[:MAX_ORG_ID_LENGTH] + "..."
+        raise UsageError(
+            f"invalid org id {shown!r}: expected 'org_' followed by letters and digits "
+            f"(at most {MAX_ORG_ID_LENGTH} characters), e.g. org_2abc123def456"
+        )
+    return org_id
+
+
+def schema_for(org_id: str) -> str:
+    """The tenant schema for an org id: ``tid_`` + the first 10 hex characters of its sha256."""
+    return SCHEMA_PREFIX + hashlib.sha256(check_org_id(org_id).encode()).hexdigest()[:10]
+
+
+def ensure_registry(cursor) -> None:
+    """Fail clearly when the master migrations (which create the registry) have not run."""
+    cursor.execute("SELECT to_regclass('public.tenants')")
+    if cursor.fetchone()[0] is None:
+        raise NotReady(
+            "the tenant registry public.tenants does not exist: run invoke migrate-master"
+        )
+
+
+def list_tenants(cursor) -> list[Tenant]:
+    """Every registered tenant, oldest first."""
+    ensure_registry(cursor)
+    cursor.execute("SELECT clerk_org_id, schema_name, status FROM public.tenants ORDER BY id")
+    return [Tenant(*row) for row in cursor.fetchall()]
+
+
+def find_tenant(cursor, org_id: str) -> Tenant | None:
+    ensure_registry(cursor)
+    cursor.execute(
+        "SELECT clerk_org_id, schema_name, status FROM public.tenants WHERE clerk_org_id = %s",
+        (org_id,),
+    )
+    row = cursor.fetchone()
+    return Tenant(*row) if row else None
+
+
+def get_tenant(cursor, org_id: str) -> Tenant:
+    """The registered tenant for `org_id`, or UnknownTenant."""
+    tenant = find_tenant(cursor, check_org_id(org_id))
+    if tenant is None:
+        raise UnknownTenant(f"no tenant is registered for {org_id}")
+    return tenant
+
+
+def owner_of_schema(cursor, schema: str) -> str | None:
+    cursor.execute("SELECT clerk_org_id FROM public.tenants WHERE schema_name = %s", (schema,))
+    row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def register(cursor, tenant: Tenant) -> None:
+    """Insert the registry row and create the schema, in the caller's transaction."""
+    cursor.execute(
+        "INSERT INTO public.tenants (clerk_org_id, schema_name) VALUES (%s, %s)",
+        (tenant.org_id, tenant.schema),
+    )
+    cursor.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(tenant.schema)))
+
+
+def existing_schemas(cursor, schemas: list[str]) -> set[str]:
+    cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (schemas,))
+    return {row[0] for row in cursor.fetchall()}

@@ -1,0 +1,181 @@
+"""How results look: rich tables and progress on a terminal, plain lines elsewhere, or JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .commands import Provisioned, Status
+from .runner import RunResult, SchemaResult
+
+#: Seconds between progress lines when stdout is not a terminal.
+PLAIN_PROGRESS_EVERY = 5.0
+
+VERB = {"apply": "applied", "rollback": "rolled back"}
+
+
+def run_summary(console: Console, run: RunResult, what: str) -> None:
+    """Per-schema lines for what changed, then a one-line summary and any failures."""
+    verb = VERB[run.direction]
+    if what == "public":
+        public = run.schemas[0]
+        if public.migrations:
+            console.print(f"public: {verb} {', '.join(public.migrations)}")
+        elif not public.error:
+            console.print(
+                "public: nothing to " + ("apply" if run.direction == "apply" else "roll back")
+            )
+        _failures(console, run)
+        return
+    for result in run.schemas:
+        if result.migrations:
+            name = _name(result)
+            console.print(
+                f"{name}: {verb} {len(result.migrations)}: {', '.join(result.migrations)}"
+            )
+    done = run.count("done")
+    parts = [
+        f"{done} {verb}",
+        f"{run.count('up to date')} {'up to date' if run.direction == 'apply' else 'unchanged'}",
+        f"{run.count('failed')} failed",
+    ]
+    if run.count("skipped"):
+        parts.append(f"{run.count('skipped')} skipped (locked)")
+    if run.count("not started"):
+        parts.append(f"{run.count('not started')} not started")
+    console.print(f"{what}: {', '.join(parts)} in {run.duration:.2f}s")
+    if run.interrupted:
+        console.print("interrupted: no new schema was started after the signal")
+    _failures(console, run)
+
+
+def _failures(console: Console, run: RunResult) -> None:
+    if run.failed:
+        table = Table("org id", "schema", "migration", "error", title="Not done")
+        for r in run.failed:
+            table.add_row(r.org_id or "-", r.schema, r.failed_migration or "-", r.error or r.status)
+        console.print(table)
+
+
+def run_json(run: RunResult) -> dict:
+    return {
+        "direction": run.direction,
+        "jobs": run.jobs,
+        "interrupted": run.interrupted,
+        "duration": round(run.duration, 4),
+        "counts": {
+            status: run.count(status)
+            for status in ("done", "up to date", "failed", "skipped", "not started")
+        },
+        "schemas": [
+            {
+                "org_id": r.org_id,
+                "schema": r.schema,
+                "status": r.status,
+                "migrations": r.migrations,
+                "failed_migration": r.failed_migration,
+                "error": r.error,
+                "duration": round(r.duration, 4),
+            }
+            for r in run.schemas
+        ],
+    }
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def progress(console: Console, label: str) -> Iterator[Callable[[SchemaResult], None]]:
+    """A callback for each finished schema: a bar on a terminal, a line every few seconds if not.
+
+    The total is unknown until the run has scanned its tenants, so the bar counts up.
+    """
+    if console.is_terminal:
+        bar = Progress(
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        task = bar.add_task(label, total=None)
+        with bar:
+            yield lambda result: bar.advance(task)
+        return
+    count, last = 0, time.monotonic()
+
+    def tick(result: SchemaResult) -> None:
+        nonlocal count, last
+        count += 1
+        if time.monotonic() - last >= PLAIN_PROGRESS_EVERY:
+            last = time.monotonic()
+            console.print(f"{label}: {count} schemas done")
+
+    yield tick
+
+
+def provisioned(console: Console, result: Provisioned) -> None:
+    t = result.tenant
+    if result.created:
+        console.print(f"provisioned {t.org_id} in schema {t.schema}", end="")
+    else:
+        console.print(f"{t.org_id} was already provisioned in schema {t.schema}", end="")
+    if result.migrations:
+        console.print(f": applied {', '.join(result.migrations)}")
+    else:
+        console.print(": up to date" if not result.created else "")
+
+
+def status(console: Console, report: Status, show_all: bool) -> None:
+    m = report.master
+    console.print(
+        f"public: {m.state}, {len(m.applied)} applied, {len(m.pending)} pending"
+        + (f" ({', '.join(m.pending)})" if m.pending else "")
+    )
+    if m.unknown:
+        console.print(f"public: applied but missing from migrations/master: {', '.join(m.unknown)}")
+    states: dict[str, int] = {}
+    for t in report.tenants:
+        key = "behind" if t.state.startswith("behind") else t.state
+        states[key] = states.get(key, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none registered"
+    console.print(f"tenants: {len(report.tenants)} ({summary}); head {report.tenant_head}")
+    shown = [t for t in report.tenants if show_all or t.state != "at head"]
+    if shown:
+        table = Table("org id", "schema", "state", "applied", "pending")
+        for t in shown:
+            table.add_row(t.org_id, t.schema, t.state, str(len(t.applied)), ", ".join(t.pending))
+        console.print(table)
+
+
+def status_json(report: Status) -> dict:
+    def schema(s):
+        return {
+            "org_id": s.org_id,
+            "schema": s.schema,
+            "state": s.state,
+            "applied": s.applied,
+            "pending": s.pending,
+            "unknown": s.unknown,
+        }
+
+    return {
+        "master": schema(report.master),
+        "master_head": report.master_head,
+        "tenant_head": report.tenant_head,
+        "tenants": [schema(t) for t in report.tenants],
+    }
+
+
+def _name(result: SchemaResult) -> str:
+    return f"{result.org_id} ({result.schema})" if result.org_id else result.schema

@@ -1,0 +1,140 @@
+"""Where the database is and where the migrations are: read from the environment and `.env`.
+
+The variables are the original Knex tool's (DB_HOST, DB_PORT, DB_USER, DB_PASSWORD, DB_NAME, DB_SSL,
+DB_SSL_CERT_PATH, DB_SSL_REJECT_UNAUTHORIZED), plus DATABASE_URL as a one-line alternative. With
+neither DB_HOST nor DATABASE_URL set, the commands use a project-local embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+from psycopg2.extensions import parse_dsn
+
+from .errors import ConfigError
+
+VARIABLES = (
+    "DATABASE_URL",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USER",
+    "DB_PASSWORD",
+    "DB_NAME",
+    "DB_SSL",
+    "DB_SSL_CERT_PATH",
+    "DB_SSL_REJECT_UNAUTHORIZED",
+)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to know before it connects."""
+
+    root: Path
+    #: libpq keyword parameters; empty when the embedded database is used.
+    connection: Mapping[str, str] = field(default_factory=dict, repr=False)
+    master_dir: Path = Path("migrations/master")
+    tenant_dir: Path = Path("migrations/tenant")
+
+    @property
+    def embedded(self) -> bool:
+        return not self.connection
+
+    @property
+    def data_dir(self) -> Path:
+        """The embedded database's home, inside the project and ignored by git."""
+        return self.root / ".yoyo-tenants"
+
+    @classmethod
+    def load(cls, root: Path | str = ".", environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings for the project in `root`; the real environment wins over `.env`."""
+        root = Path(root).resolve()
+        env = {k: v for k, v in dotenv_values(root / ".env").items() if v is not None}
+        env.update(os.environ if environ is None else environ)
+        return cls(
+            root=root,
+            connection=connection_params(env),
+            master_dir=root / "migrations" / "master",
+            tenant_dir=root / "migrations" / "tenant",
+        )
+
+
+def connection_params(env: Mapping[str, str]) -> dict[str, str]:
+    """Map the DB_* variables (or DATABASE_URL) to libpq keyword parameters.
+
+    Returns an empty dict when neither DB_HOST nor DATABASE_URL is set: use the embedded database.
+    """
+    for name in VARIABLES:
+        if "\x00" in env.get(name, ""):
+            raise ConfigError(f"{name} contains a NUL character")
+    url = env.get("DATABASE_URL", "").strip()
+    host = env.get("DB_HOST", "").strip()
+    if url:
+        try:
+            params = parse_dsn(url)
+        except Exception as exc:  # psycopg2 raises ProgrammingError with libpq's words
+            # libpq's message may quote the URL, password included: say only what is wrong.
+            raise ConfigError("DATABASE_URL is not a valid PostgreSQL connection URL") from exc
+    elif host:
+        params = {
+            "host": host,
+            "port": _port(env.get("DB_PORT", "5432")),
+            "user": env.get("DB_USER") or "postgres",
+            "dbname": env.get("DB_NAME") or "postgres",
+        }
+        if env.get("DB_PASSWORD"):
+            params["password"] = env["DB_PASSWORD"]
+    else:
+        return {}
+    if "DB_SSL" in env or "sslmode" not in params:
+        params.update(ssl_params(env))
+    params.setdefault("connect_timeout", "10")
+    params.setdefault("application_name", "yoyo-tenants")
+    return params
+
+
+def ssl_params(env: Mapping[str, str]) -> dict[str, str]:
+    """DB_SSL=true verifies the server (verify-full) unless DB_SSL_REJECT_UNAUTHORIZED=false."""
+    if not _flag(env, "DB_SSL", default=False):
+        return {"sslmode": "disable"}
+    if not _flag(env, "DB_SSL_REJECT_UNAUTHORIZED", default=True):
+        # No sslrootcert here: with one present, libpq's "require" quietly verifies the CA.
+        return {"sslmode": "require"}
+    params = {"sslmode": "verify-full"}
+    cert_path = env.get("DB_SSL_CERT_PATH", "").strip()
+    if cert_path:
+        if not Path(cert_path).is_file():
+            raise ConfigError(f"DB_SSL_CERT_PATH {cert_path!r} is not a readable file")
+        params["sslrootcert"] = str(Path(cert_path).resolve())
+    return params
+
+
+def describe(params: Mapping[str, str]) -> str:
+    """A connection's name for messages: user@host:port/dbname, never the password."""
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}"
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _port(value: str) -> str:
+    if not value.strip().isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"DB_PORT must be a port number, not {value!r}")
+    return str(int(value))
