@@ -9,12 +9,13 @@ from .commands import (
     make_migration,
     migrate_master,
     migrate_tenants,
-    provision_tenant,
     rollback_master,
     rollback_tenants,
     status,
+    verify,
 )
 from .errors import TenantsError
+from .provisioning import deprovision_tenant, provision_tenant
 from .registry import schema_for
 from .settings import Settings
 
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_JOBS",
     "Settings",
     "TenantsError",
+    "deprovision_tenant",
     "make_migration",
     "migrate_master",
     "migrate_tenants",
@@ -30,4 +32,5 @@ __all__ = [
     "rollback_tenants",
     "schema_for",
     "status",
+    "verify",
 ]

@@ -69,6 +69,10 @@ def migration_checksum(path: str) -> str:
     return digest.hexdigest()
 
 
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms"
+
+
 @cache
 def _log_identity() -> tuple[str, str]:
     # yoyo looks these up for every log row; socket.getfqdn() alone can take milliseconds.
@@ -83,6 +87,9 @@ class TenantBackend(PostgresqlBackend):
     batch: int | None = None
     #: Seconds to wait for another run's lock on the schema before giving up.
     lock_wait = 60.0
+    #: Seconds a migration statement may wait for a table lock, and may run (0: no limit).
+    lock_timeout = 5.0
+    statement_timeout = 0.0
 
     create_internal_tables_sql = """
         CREATE TABLE IF NOT EXISTS {migrations} (
@@ -199,7 +206,7 @@ class TenantBackend(PostgresqlBackend):
         wait = self.lock_wait if wait is None else wait
         cursor = self.cursor()
         cursor.execute(
-            "SELECT set_config('lock_timeout', %s, true)", (f"{max(int(wait * 1000), 1)}ms",)
+            "SELECT set_config('lock_timeout', %s, true)", (_ms(wait) if wait else "1ms",)
         )
         cursor.execute("SAVEPOINT yoyo_tenants_lock")
         try:
@@ -207,7 +214,13 @@ class TenantBackend(PostgresqlBackend):
         except self.driver.errors.LockNotAvailable as exc:
             cursor.execute("ROLLBACK TO SAVEPOINT yoyo_tenants_lock")
             raise LockBusy(f"schema {self.schema} is locked by another run") from exc
-        cursor.execute("SELECT set_config('lock_timeout', '0', true)")
+        # From here on the migration's own statements run: bound how long they may wait for a
+        # table lock (so the app's queries never queue behind a blocked ALTER for long) and run.
+        cursor.execute(
+            "SELECT set_config('lock_timeout', %s, true),"
+            " set_config('statement_timeout', %s, true)",
+            (_ms(self.lock_timeout), _ms(self.statement_timeout)),
+        )
 
     @contextmanager
     def lock(self, timeout=10):
@@ -320,6 +333,7 @@ class TenantBackend(PostgresqlBackend):
 
     def apply_in_transaction(self, migration: Migration, force=False, mark=True) -> None:
         """Apply inside the caller's transaction; a failure rolls back to this migration's start."""
+        self.ensure_internal_schema_updated()
         with self.transaction():  # a savepoint: the migration boundary
             migration.process_steps(self, "apply", force=force)
             self.log_migration(migration, "apply")

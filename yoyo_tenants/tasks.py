@@ -1,4 +1,4 @@
-"""The invoke tasks: the original pnpm scripts' command set, as a thin skin over `commands`.
+"""The invoke tasks: the original pnpm scripts' command set, as a thin skin over the Python API.
 
 Each task parses its flags, calls one function, renders the result, and turns a TenantsError into
 one line on stderr and an exit code.
@@ -13,19 +13,32 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.console import Console
 
-from . import commands, embedded, report
+from . import commands, embedded, provisioning, report
 from .db import error_text
 from .errors import TenantsError, UsageError
 from .settings import Settings
 
-out = Console(highlight=False, soft_wrap=True)
+# markup off: migration SQL is full of [brackets] that rich would take for styles.
+out = Console(highlight=False, soft_wrap=True, markup=False)
 
-JOBS_HELP = f"tenants migrated at once (default {commands.DEFAULT_JOBS}; connections: jobs + 1)"
-LOCK_WAIT_HELP = "seconds to wait for a schema locked by another run (default 60)"
-TENANT_HELP = "only this tenant's org id"
-JSON_HELP = "also write a machine-readable report to this file"
-STEPS_HELP = "roll back this many migrations instead of the last batch"
-TO_HELP = "roll back every migration applied after this migration id"
+HELP = {
+    "tenant": "only this tenant's org id",
+    "jobs": f"tenants migrated at once (default {commands.DEFAULT_JOBS}; connections: jobs + 1)",
+    "fail_fast": "stop starting tenants after the first failure",
+    "lock_wait": "seconds to wait for a schema another run is migrating (default 60)",
+    "lock_timeout": "seconds a statement may wait for a table lock (default 5; "
+    "env YOYO_TENANTS_LOCK_TIMEOUT)",
+    "statement_timeout": "seconds a statement may run (default 0: no limit; "
+    "env YOYO_TENANTS_STATEMENT_TIMEOUT)",
+    "retries": "retries, with doubling pauses, of a migration that hit the lock timeout "
+    "(default 2)",
+    "allow_drift": "migrate schemas whose applied migration files changed or vanished",
+    "dry_run": "print the migrations and SQL that would run, per schema; change nothing",
+    "json": "also write a machine-readable report to this file",
+    "steps": "roll back this many migrations instead of the last batch",
+    "to": "roll back every migration applied after this migration id",
+}
+RUN_FLAGS = ("lock_wait", "lock_timeout", "statement_timeout", "retries", "allow_drift", "dry_run")
 
 
 def edge(function):
@@ -51,102 +64,133 @@ def _number(value, name: str, kind=int):
     if value is None:
         return None
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
-        raise UsageError(f"--{name} must be a number, not {value!r}") from None
+        number = -1
+    if number < 0:
+        raise UsageError(f"--{name.replace('_', '-')} must be a number, not {value!r}")
+    return number
+
+
+def _run_options(lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run):
+    return {
+        "lock_wait": _number(lock_wait, "lock_wait", float),
+        "lock_timeout": _number(lock_timeout, "lock_timeout", float),
+        "statement_timeout": _number(statement_timeout, "statement_timeout", float),
+        "retries": _number(retries, "retries"),
+        "allow_drift": allow_drift,
+        "dry_run": dry_run,
+    }
 
 
 def _finish(run, what: str, json_file: str | None) -> None:
-    report.run_summary(out, run, what)
+    if run.dry_run:
+        report.dry_run(out, run)
+    else:
+        report.run_summary(out, run, what)
     if json_file:
         report.write_json(json_file, report.run_json(run))
     if not run.ok:
         raise Exit(code=1)
 
 
-@task(help={"lock_wait": LOCK_WAIT_HELP})
+def _help(*names: str) -> dict[str, str]:
+    return {name: HELP[name] for name in names}
+
+
+@task(help=_help(*RUN_FLAGS))
 @edge
-def migrate_master(c, lock_wait=None):
+def migrate_master(c, lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
+                   allow_drift=False, dry_run=False):  # fmt: skip
     """Apply pending master migrations (migrations/master) to the public schema."""
-    run = commands.migrate_master(_settings(), lock_wait=_number(lock_wait, "lock-wait", float))
-    _finish(run, "public", None)
+    options = _run_options(
+        lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
+    )
+    _finish(commands.migrate_master(_settings(), **options), "public", None)
 
 
-@task(
-    help={
-        "tenant": TENANT_HELP,
-        "jobs": JOBS_HELP,
-        "fail_fast": "stop starting tenants after the first failure",
-        "lock_wait": LOCK_WAIT_HELP,
-        "json": JSON_HELP,
-    }
-)
+@task(help=_help("tenant", "jobs", "fail_fast", "json", *RUN_FLAGS))
 @edge
-def migrate_tenants(c, tenant=None, jobs=commands.DEFAULT_JOBS, fail_fast=False, lock_wait=None,
-                    json=None):  # fmt: skip
+def migrate_tenants(c, tenant=None, jobs=commands.DEFAULT_JOBS, fail_fast=False, json=None,
+                    lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
+                    allow_drift=False, dry_run=False):  # fmt: skip
     """Apply pending tenant migrations (migrations/tenant) to every tenant schema."""
+    options = _run_options(
+        lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
+    )
     jobs = _number(jobs, "jobs")
-    out.print(f"migrating tenants with {jobs} jobs", style="dim")
+    if not dry_run:
+        out.print(f"migrating tenants with {jobs} jobs", style="dim")
     with report.progress(out, "tenants") as tick:
         run = commands.migrate_tenants(
-            _settings(),
-            tenant=tenant,
-            jobs=jobs,
-            fail_fast=fail_fast,
-            lock_wait=_number(lock_wait, "lock-wait", float),
-            on_result=tick,
+            _settings(), tenant=tenant, jobs=jobs, fail_fast=fail_fast, on_result=tick, **options
         )
     _finish(run, "tenants", json)
 
 
-@task(help={"steps": STEPS_HELP, "to": TO_HELP, "lock_wait": LOCK_WAIT_HELP})
+@task(help=_help("steps", "to", *RUN_FLAGS))
 @edge
-def rollback_master(c, steps=None, to=None, lock_wait=None):
+def rollback_master(c, steps=None, to=None, lock_wait=None, lock_timeout=None,
+                    statement_timeout=None, retries=None, allow_drift=False,
+                    dry_run=False):  # fmt: skip
     """Roll back the public schema's last batch of master migrations."""
-    run = commands.rollback_master(
-        _settings(),
-        steps=_number(steps, "steps"),
-        to=to,
-        lock_wait=_number(lock_wait, "lock-wait", float),
+    options = _run_options(
+        lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
+    run = commands.rollback_master(_settings(), steps=_number(steps, "steps"), to=to, **options)
     _finish(run, "public", None)
 
 
-@task(
-    help={
-        "tenant": TENANT_HELP,
-        "steps": STEPS_HELP,
-        "to": TO_HELP,
-        "jobs": JOBS_HELP,
-        "fail_fast": "stop starting tenants after the first failure",
-        "lock_wait": LOCK_WAIT_HELP,
-        "json": JSON_HELP,
-    }
-)
+@task(help=_help("tenant", "steps", "to", "jobs", "fail_fast", "json", *RUN_FLAGS))
 @edge
 def rollback_tenants(c, tenant=None, steps=None, to=None, jobs=commands.DEFAULT_JOBS,
-                     fail_fast=False, lock_wait=None, json=None):  # fmt: skip
+                     fail_fast=False, json=None, lock_wait=None, lock_timeout=None,
+                     statement_timeout=None, retries=None, allow_drift=False,
+                     dry_run=False):  # fmt: skip
     """Roll back each tenant's last batch of tenant migrations."""
-    jobs = _number(jobs, "jobs")
+    options = _run_options(
+        lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
+    )
     with report.progress(out, "tenants") as tick:
         run = commands.rollback_tenants(
             _settings(),
             tenant=tenant,
             steps=_number(steps, "steps"),
             to=to,
-            jobs=jobs,
+            jobs=_number(jobs, "jobs"),
             fail_fast=fail_fast,
-            lock_wait=_number(lock_wait, "lock-wait", float),
             on_result=tick,
+            **options,
         )
     _finish(run, "tenants", json)
 
 
-@task(help={"org_id": "the organization's Clerk id, e.g. org_2abc123def456"})
+@task(
+    help={
+        "org_id": "the organization's Clerk id, e.g. org_2abc123def456",
+        "dry_run": HELP["dry_run"],
+    }
+)
 @edge
-def provision_tenant(c, org_id):
+def provision_tenant(c, org_id, dry_run=False):
     """Register an organization, create its schema and apply every tenant migration."""
-    report.provisioned(out, commands.provision_tenant(_settings(), org_id))
+    report.provisioned(out, provisioning.provision_tenant(_settings(), org_id, dry_run=dry_run))
+
+
+@task(
+    help={
+        "org_id": "the organization's Clerk id",
+        "yes": "really drop the schema and its data (without it, only list what would go)",
+        "archive": "first pg_dump the schema to this file; nothing is dropped if that fails",
+    }
+)
+@edge
+def deprovision_tenant(c, org_id, yes=False, archive=None):
+    """Drop a tenant's schema and registry row, in one transaction (only with --yes)."""
+    result = provisioning.deprovision_tenant(_settings(), org_id, yes=yes, archive=archive)
+    report.deprovisioned(out, result)
+    if not result.dropped:
+        raise Exit(code=1)
 
 
 @task(help={"name": "what the migration does, e.g. add_column", "py": "a Python migration"})
@@ -165,7 +209,7 @@ def make_tenant(c, name, py=False):
         out.print(str(path))
 
 
-@task(help={"all": "list every tenant, not only those behind", "json": JSON_HELP})
+@task(help={"all": "list every tenant, not only those behind", "json": HELP["json"]})
 @edge
 def status(c, all=False, json=None):
     """Applied and pending migrations of public and of every tenant."""
@@ -173,6 +217,18 @@ def status(c, all=False, json=None):
     report.status(out, result, show_all=all)
     if json:
         report.write_json(json, report.status_json(result))
+
+
+@task
+@edge
+def verify(c):
+    """Check public and every tenant against the migration files and registry (exit 1 if not)."""
+    problems = commands.verify(_settings())
+    for problem in problems:
+        out.print(problem)
+    if problems:
+        raise Exit(f"error: verify found {len(problems)} problems", code=1)
+    out.print("verify: public and every tenant match the migration files and the registry")
 
 
 @task(help={"stop": "stop the embedded server", "reset": "stop it and delete its data"})
@@ -190,7 +246,7 @@ def db(c, stop=False, reset=False):
     else:
         params = embedded.ensure_running(settings.data_dir)
         dsn = " ".join(f"{k}={v}" for k, v in params.items() if k != "application_name")
-        out.print(f'psql "{dsn}"')
+        out.print(f'{embedded.bin_dir() / "psql"} "{dsn}"')
 
 
 ns = Collection(
@@ -199,8 +255,10 @@ ns = Collection(
     rollback_master,
     rollback_tenants,
     provision_tenant,
+    deprovision_tenant,
     make_master,
     make_tenant,
     status,
+    verify,
     db,
 )

