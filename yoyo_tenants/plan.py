@@ -29,6 +29,6 @@ def drift(applied: Sequence[AppliedMigration], migrations: MigrationList) -> lis
         migration = files.get(row.migration_hash)
         if migration is None:
             problems.append(f"{row.migration_id} was applied but its file is gone")
-        elif row.checksum and row.checksum != migration_checksum(migration.path):
+        elif row.checksum and row.checksum != migration_checksum(migration):
             problems.append(f"{row.migration_id} changed since it was applied")
     return problems

@@ -187,25 +187,41 @@ def rollback_schema(
     target: RollbackTarget,
     options: RunOptions = RunOptions(),
 ) -> SchemaResult:
-    """Roll back the `target` migrations of `result.schema`, newest first."""
+    """Roll back the `target` migrations of `result.schema`, newest first, as apply_schema does."""
     started = time.perf_counter()
     by_hash = {m.hash: m for m in migrations}
+    chosen = None
     try:
-        with backend.transaction():
-            backend.lock_schema(options.lock_wait)
-            chosen = target.select(backend.applied())
-            missing = [row.migration_id for row in chosen if row.migration_hash not in by_hash]
-            if missing:
-                raise MigrationsMissing(
-                    f"cannot roll back {', '.join(missing)} in {result.schema}: no such file"
-                )
-            for row in chosen:
-                migration = by_hash[row.migration_hash]
-                if not migration.use_transactions:
-                    raise UsageError(f"{migration.id} is non-transactional: roll it back alone")
-                if error := _step(backend, migration, result, backend.rollback_in_transaction):
-                    _failed(backend, result, error)
+        while True:
+            error = deferred = None
+            with backend.transaction():
+                backend.lock_schema(options.lock_wait)
+                applied = backend.applied()
+                if chosen is None:  # the target is chosen once, by the first transaction
+                    rows = target.select(applied)
+                    if missing := [r.migration_id for r in rows if r.migration_hash not in by_hash]:
+                        raise MigrationsMissing(
+                            f"cannot roll back {', '.join(missing)} in {result.schema}: "
+                            "no such file"
+                        )
+                    chosen = [row.migration_hash for row in rows]
+                still_applied = {row.migration_hash for row in applied}
+                todo = [by_hash[h] for h in chosen if h in still_applied]
+                if not todo:
                     break
+                for migration in todo:
+                    if not migration.use_transactions:
+                        deferred = migration  # runs after this transaction commits
+                        break
+                    if error := _step(backend, migration, result, backend.rollback_in_transaction):
+                        break
+            if deferred and not error:
+                error = _step(backend, deferred, result, backend.rollback_one)
+            if error:
+                if not _retry(error, result, options):
+                    return _failed(backend, result, error)
+            elif deferred is None:
+                break
     except LockBusy as exc:
         result.skipped, result.error = True, str(exc)
     finally:
