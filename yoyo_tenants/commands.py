@@ -181,7 +181,11 @@ def _run_tenants(settings, org_id, needs_work, action, plan, run, fail_fast, opt
     connection = connect(params)
     try:
         cursor = connection.cursor()
-        tenants = [registry.get_tenant(cursor, org_id)] if org_id else registry.list_tenants(cursor)
+        tenants = (
+            [registry.get_tenant(cursor, org_id)]
+            if org_id is not None
+            else registry.list_tenants(cursor)
+        )
         if plan:
             return _dry_run(params, tenants, plan, run.direction, cursor)
         states = scan(cursor, [t.schema for t in tenants])

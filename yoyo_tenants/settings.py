@@ -124,7 +124,12 @@ def describe(params: Mapping[str, str]) -> str:
     """A connection's name for messages: user@host:port/dbname, never the password."""
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
-    return f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}"
+    return _printable(f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}")
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped, so that a message stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
