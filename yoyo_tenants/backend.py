@@ -80,6 +80,17 @@ def migration_checksum(migration: Migration) -> str:
     return checksum
 
 
+def _tolerates_errors(steps) -> bool:
+    """Whether any of yoyo's steps (or steps in their groups) has ignore_errors set."""
+    for step in steps or ():
+        if getattr(step, "ignore_errors", None):
+            return True
+        inner = getattr(step, "step", None)
+        if _tolerates_errors(getattr(inner, "steps", None)):
+            return True
+    return False
+
+
 def _ms(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
@@ -98,6 +109,7 @@ class TenantBackend(PostgresqlBackend):
     batch: int | None = None
     #: Seconds to wait for another run's lock on the schema before giving up.
     lock_wait = 60.0
+    _elide_savepoints = False
     #: Seconds a migration statement may wait for a table lock, and may run (0: no limit).
     lock_timeout = 5.0
     statement_timeout = 0.0
@@ -142,6 +154,7 @@ class TenantBackend(PostgresqlBackend):
     )
 
     def __init__(self, dburi, migration_table=default_migration_table):
+        self._elided: set[str] = set()
         super().__init__(dburi, migration_table)
         self.use_schema(self.schema)
 
@@ -211,27 +224,42 @@ class TenantBackend(PostgresqlBackend):
 
     # -- locking -------------------------------------------------------------------------------
 
-    def lock_schema(self, wait: float | None = None) -> None:
-        """Take this schema's advisory lock for the current transaction, waiting at most `wait`."""
+    def lock_schema(self, wait: float | None = None, read: bool = True) -> list[AppliedMigration]:
+        """Take this schema's advisory lock for the current transaction, waiting at most `wait`
+        seconds, and (if `read`) return the schema's applied migrations as they are under it.
+
+        It is one round trip (with the migration tables created first when needed): at
+        thousands of schemas, round trips are what a run costs.
+        """
         assert self._in_transaction
         wait = self.lock_wait if wait is None else wait
+        statements = [
+            sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(
+                sql.Literal(_ms(wait) if wait else "1ms")
+            ),
+            sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(
+                sql.Literal(self._key)
+            ),
+            # From here on the migrations run: bound how long a statement may wait for a table
+            # lock (so the app's queries never queue behind a blocked ALTER for long) and run.
+            sql.SQL(
+                "SELECT set_config('lock_timeout', {}, true), "
+                "set_config('statement_timeout', {}, true)"
+            ).format(sql.Literal(_ms(self.lock_timeout)), sql.Literal(_ms(self.statement_timeout))),
+        ]
+        if read and not self._internal_schema_updated:
+            statements.append(sql.SQL(self._internal_tables_sql()))
+        if read:
+            statements.append(sql.SQL(self._applied_sql()))
         cursor = self.cursor()
-        cursor.execute(
-            "SELECT set_config('lock_timeout', %s, true)", (_ms(wait) if wait else "1ms",)
-        )
-        cursor.execute("SAVEPOINT yoyo_tenants_lock")
         try:
-            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (self._key,))
+            cursor.execute(sql.SQL("; ").join(statements))
         except self.driver.errors.LockNotAvailable as exc:
-            cursor.execute("ROLLBACK TO SAVEPOINT yoyo_tenants_lock")
             raise LockBusy(f"schema {self.schema} is locked by another run") from exc
-        # From here on the migration's own statements run: bound how long they may wait for a
-        # table lock (so the app's queries never queue behind a blocked ALTER for long) and run.
-        cursor.execute(
-            "SELECT set_config('lock_timeout', %s, true),"
-            " set_config('statement_timeout', %s, true)",
-            (_ms(self.lock_timeout), _ms(self.statement_timeout)),
-        )
+        if not read:
+            return []
+        self._internal_schema_updated = True
+        return [AppliedMigration(*row) for row in cursor.fetchall()]
 
     @contextmanager
     def lock(self, timeout=10):
@@ -280,19 +308,23 @@ class TenantBackend(PostgresqlBackend):
 
     def create_internal_tables(self) -> None:
         """Create (or bring up to date) the schema's migration, log and version tables."""
-        self.execute(
-            self.create_internal_tables_sql.format(
-                migrations=self.migration_table_quoted,
-                log=self.log_table_quoted,
-                version=self.version_table_quoted,
-            )
-        )
+        self.execute(self._internal_tables_sql())
         self._internal_schema_updated = True
+
+    def _internal_tables_sql(self) -> str:
+        return self.create_internal_tables_sql.format(
+            migrations=self.migration_table_quoted,
+            log=self.log_table_quoted,
+            version=self.version_table_quoted,
+        )
+
+    def _applied_sql(self) -> str:
+        return self.applied_sql.format(migrations=self.migration_table_quoted)
 
     def applied(self) -> list[AppliedMigration]:
         """The schema's applied migrations, oldest first."""
         self.ensure_internal_schema_updated()
-        rows = self.execute(self.applied_sql.format(migrations=self.migration_table_quoted))
+        rows = self.execute(self._applied_sql())
         return [AppliedMigration(*row) for row in rows.fetchall()]
 
     def get_applied_migration_hashes(self):
@@ -337,35 +369,76 @@ class TenantBackend(PostgresqlBackend):
         if not migration.use_transactions:
             return self._without_transaction(migration, "apply", force, mark)
         with self.transaction():
-            self.lock_schema()
-            if mark and migration.hash in self.get_applied_migration_hashes():
+            applied = self.lock_schema()
+            if mark and migration.hash in {row.migration_hash for row in applied}:
                 return  # a concurrent run applied it while we waited for the lock
             self.apply_in_transaction(migration, force=force, mark=mark)
 
     def apply_in_transaction(self, migration: Migration, force=False, mark=True) -> None:
         """Apply inside the caller's transaction; a failure rolls back to this migration's start."""
-        self.ensure_internal_schema_updated()
-        with self.transaction():  # a savepoint: the migration boundary
-            migration.process_steps(self, "apply", force=force)
-            self.log_migration(migration, "apply")
-            if mark:
-                self.mark_one(migration, log=False)
+        self._in_savepoint(migration, "apply", force, mark)
 
     def rollback_one(self, migration: Migration, force=False):
         migration.load()
         if not migration.use_transactions:
             return self._without_transaction(migration, "rollback", force, mark=True)
         with self.transaction():
-            self.lock_schema()
-            if migration.hash not in self.get_applied_migration_hashes():
+            applied = self.lock_schema()
+            if migration.hash not in {row.migration_hash for row in applied}:
                 return  # a concurrent run rolled it back while we waited
             self.rollback_in_transaction(migration, force=force)
 
     def rollback_in_transaction(self, migration: Migration, force=False) -> None:
-        with self.transaction():
-            migration.process_steps(self, "rollback", force=force)
-            self.log_migration(migration, "rollback")
-            self.unmark_one(migration, log=False)
+        self._in_savepoint(migration, "rollback", force, mark=True)
+
+    def _in_savepoint(self, migration: Migration, direction: str, force, mark) -> None:
+        self.ensure_internal_schema_updated()
+        with self.transaction():  # a savepoint: the migration boundary
+            # yoyo wraps the steps, and each step, in savepoints of their own; unless a step may
+            # fail without failing the migration, this one savepoint does their work.
+            self._elide_savepoints = not force and not _tolerates_errors(migration.steps)
+            try:
+                migration.process_steps(self, direction, force=force)
+            finally:
+                self._elide_savepoints = False
+            self.record(migration, direction, mark)
+
+    def savepoint(self, id):
+        if self._elide_savepoints:
+            self._elided.add(id)
+        else:
+            super().savepoint(id)
+
+    def savepoint_rollback(self, id):
+        if id in self._elided:
+            self._elided.discard(id)  # the migration's own savepoint rolls back instead
+        else:
+            super().savepoint_rollback(id)
+
+    def commit(self):
+        super().commit()
+        self._elided.clear()
+
+    def rollback(self):
+        super().rollback()
+        self._elided.clear()
+
+    def record(self, migration: Migration, operation: str, mark: bool = True) -> None:
+        """Log `operation` and mark (or unmark) the migration: one round trip."""
+        statements = [self.format_sql(self.log_migration_sql)]
+        params = self.get_log_data(migration, operation)
+        if mark and operation == "apply":
+            if self.batch is None:
+                self.batch = self.next_batch()
+            statements.append(self.format_sql(self.mark_migration_sql))
+            params.update(
+                when=params["created_at_utc"],
+                batch=self.batch,
+                checksum=migration_checksum(migration),
+            )
+        elif mark:
+            statements.append(self.format_sql(self.unmark_migration_sql))
+        self.execute("; ".join(statements), params)
 
     def _without_transaction(self, migration: Migration, direction: str, force, mark) -> None:
         # CREATE INDEX CONCURRENTLY and friends cannot run in a transaction block, so neither can
@@ -380,11 +453,7 @@ class TenantBackend(PostgresqlBackend):
                 if not mark or applied == (direction == "rollback"):
                     self._run_steps_on_session(migration, direction, force)
                     with self.transaction():
-                        self.log_migration(migration, direction)
-                        if mark and direction == "apply":
-                            self.mark_one(migration, log=False)
-                        elif mark:
-                            self.unmark_one(migration, log=False)
+                        self.record(migration, direction, mark)
         except exceptions.LockTimeout as exc:
             raise LockBusy(str(exc)) from None
 

@@ -18,7 +18,7 @@ from .db import connect, open_backend, server_params
 from .errors import MigrationFailed, NotReady, SchemaCollision, TenantsError
 from .plan import drift, migration_sql
 from .registry import Tenant
-from .runner import explain
+from .runner import explain, pending
 from .settings import Settings
 
 
@@ -52,7 +52,7 @@ def provision_tenant(
         backend.statement_timeout = settings.statement_timeout
         # One transaction: the registry row, the schema and its migrations commit together.
         with backend.transaction() as transaction:
-            backend.lock_schema(lock_wait)
+            backend.lock_schema(lock_wait, read=False)  # the schema may not exist yet
             done.created = _register(cursor, tenant, dry_run)
             if dry_run:
                 transaction.rollback_on_exit = True
@@ -61,7 +61,7 @@ def provision_tenant(
             applied = [] if done.created else backend.applied()
             if problems := drift(applied, migrations):
                 raise NotReady(f"drift in {tenant.schema}: {'; '.join(problems)}")
-            for migration in backend.to_apply(migrations) if not done.created else migrations:
+            for migration in pending(migrations, applied):
                 done.migrations.append(migration.id)
                 if dry_run:
                     done.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from psycopg2 import sql
-from yoyo.migrations import Migration, MigrationList
+from yoyo.migrations import Migration, MigrationList, topological_sort
 
 from .backend import AppliedMigration, TenantBackend
 from .db import error_text, open_backend
@@ -145,19 +145,18 @@ def apply_schema(
         while True:
             error = deferred = None
             with backend.transaction():
-                backend.lock_schema(options.lock_wait)
-                applied = backend.applied()
+                applied = backend.lock_schema(options.lock_wait)
                 if not options.allow_drift and (problems := drift(applied, migrations)):
                     result.error = f"drift in {result.schema}: {'; '.join(problems)}"
                     result.error += " (fix the files, or pass --allow-drift)"
                     return result
-                pending = backend.to_apply(migrations)
-                if not pending:
+                todo = pending(migrations, applied)
+                if not todo:
                     break
                 if batch is None:
                     batch = max((row.batch for row in applied), default=0) + 1
                 backend.batch = batch
-                for migration in pending:
+                for migration in todo:
                     if not migration.use_transactions:
                         deferred = migration  # runs after this transaction commits
                         break
@@ -195,8 +194,7 @@ def rollback_schema(
         while True:
             error = deferred = None
             with backend.transaction():
-                backend.lock_schema(options.lock_wait)
-                applied = backend.applied()
+                applied = backend.lock_schema(options.lock_wait)
                 if chosen is None:  # the target is chosen once, by the first transaction
                     rows = target.select(applied)
                     if missing := [r.migration_id for r in rows if r.migration_hash not in by_hash]:
@@ -227,6 +225,12 @@ def rollback_schema(
     finally:
         result.duration = time.perf_counter() - started
     return result
+
+
+def pending(migrations: MigrationList, applied: Sequence[AppliedMigration]) -> list[Migration]:
+    """The migrations not in `applied`, in the order yoyo would apply them."""
+    done = {row.migration_hash for row in applied}
+    return list(topological_sort(m for m in migrations if m.hash not in done))
 
 
 class _StepError(Exception):

@@ -8,6 +8,7 @@ neither DB_HOST nor DATABASE_URL set, the commands use a project-local embedded 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,6 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _port(value: str) -> str:
-    if not value.strip().isdigit() or not 0 < int(value) < 65536:
+    if not re.fullmatch(r"[0-9]{1,5}", value.strip()) or not 0 < int(value) < 65536:
         raise ConfigError(f"DB_PORT must be a port number, not {value!r}")
     return str(int(value))
