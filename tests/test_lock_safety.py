@@ -8,6 +8,7 @@ import psycopg2
 import pytest
 
 from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant, rollback_tenants
+from yoyo_tenants.errors import MigrationFailed
 from yoyo_tenants.settings import Settings
 
 from .conftest import Admin, applied_ids, columns, query, write_migration
@@ -141,3 +142,33 @@ def _index_exists(params, schema, name):
         (schema, name),
     )
     return bool(rows)
+
+
+def test_provisioning_applies_non_transactional_migrations_after_its_transaction(project, database):
+    migrate_master(project)
+    write_migration(
+        project.tenant_dir,
+        "20300101000000_index_names",
+        "-- transactional: false\nCREATE INDEX CONCURRENTLY org_users_name_idx "
+        "ON org_users (full_name);\n",
+        "-- transactional: false\nDROP INDEX CONCURRENTLY org_users_name_idx;\n",
+    )
+    done = provision_tenant(project, "org_nontx1")
+    assert done.migrations[-1] == "20300101000000_index_names"
+    assert _index_exists(database, done.tenant.schema, "org_users_name_idx")
+
+
+def test_provisioning_that_fails_in_a_non_transactional_migration_leaves_no_tenant(
+    project, database
+):
+    migrate_master(project)
+    write_migration(
+        project.tenant_dir,
+        "20300101000000_bad_index",
+        "-- transactional: false\nCREATE INDEX CONCURRENTLY bad_idx ON org_users (no_such);\n",
+        "",
+    )
+    with pytest.raises(MigrationFailed, match="20300101000000_bad_index"):
+        provision_tenant(project, "org_nontx2")
+    assert not query(database, "SELECT 1 FROM public.tenants")
+    assert not query(database, "SELECT 1 FROM pg_namespace WHERE nspname LIKE 'tid%%'")

@@ -10,15 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psycopg2 import sql
-
 from . import embedded, registry
 from .commands import load_migrations
-from .db import connect, open_backend, server_params
+from .db import open_backend, server_params
 from .errors import MigrationFailed, NotReady, SchemaCollision, TenantsError
 from .plan import drift, migration_sql
 from .registry import Tenant
-from .runner import explain, pending
+from .runner import RunOptions, SchemaResult, apply_schema, explain, pending
 from .settings import Settings
 
 
@@ -62,27 +60,50 @@ def provision_tenant(
             if problems := drift(applied, migrations):
                 raise NotReady(f"drift in {tenant.schema}: {'; '.join(problems)}")
             for migration in pending(migrations, applied):
-                done.migrations.append(migration.id)
                 if dry_run:
+                    done.migrations.append(migration.id)
                     done.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]
                     continue
                 if not migration.use_transactions:
-                    raise NotReady(
-                        f"{migration.id} is non-transactional: provisioning must be all or "
-                        "nothing; run invoke migrate-tenants for it instead"
-                    )
+                    break  # cannot share the transaction: applied below, after it commits
                 try:
                     backend.apply_in_transaction(migration)
                 except backend.DatabaseError as exc:
                     error = explain(backend, exc)
                     raise MigrationFailed(migration.id, tenant.schema, error) from None
+                done.migrations.append(migration.id)
             if done.migrations and not dry_run:
                 for hook in migrations.post_apply:
                     backend.apply_in_transaction(hook, mark=False)
+        if not dry_run and len(done.migrations) < len(pending(migrations, applied)):
+            _finish_outside_transaction(backend, migrations, done, lock_wait)
     finally:
         backend.connection.close()
     done.duration = time.perf_counter() - started
     return done
+
+
+def _finish_outside_transaction(backend, migrations, done: Provisioned, lock_wait) -> None:
+    """Apply what remains from the first non-transactional migration on, as migrate-tenants
+    would; a new tenant is dropped again if that fails, so provisioning stays all or nothing."""
+    tenant = done.tenant
+    result = apply_schema(
+        backend,
+        migrations,
+        SchemaResult(tenant.schema, tenant.org_id),
+        RunOptions(
+            lock_wait=lock_wait,
+            lock_timeout=backend.lock_timeout,
+            statement_timeout=backend.statement_timeout,
+        ),
+    )
+    done.migrations += result.migrations
+    if result.error:
+        if done.created:
+            with backend.transaction():
+                backend.lock_schema(lock_wait, read=False)
+                registry.unregister(backend.connection.cursor(), tenant)
+        raise MigrationFailed(result.failed_migration or "-", tenant.schema, result.error)
 
 
 def _register(cursor, tenant: Tenant, dry_run: bool) -> bool:
@@ -133,9 +154,9 @@ def deprovision_tenant(
     the dump succeeded.
     """
     params = server_params(settings)
-    connection = connect(params)
+    backend = open_backend(params)
     try:
-        cursor = connection.cursor()
+        cursor = backend.connection.cursor()
         tenant = registry.get_tenant(cursor, org_id)
         cursor.execute(
             "SELECT table_name FROM information_schema.tables "
@@ -147,20 +168,14 @@ def deprovision_tenant(
             return result
         if archive is not None:
             result.archive = dump_schema(params, tenant.schema, Path(archive))
-        connection.autocommit = False
-        cursor.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-            (f"yoyo-tenants:{tenant.schema}",),
-        )
-        cursor.execute(
-            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant.schema))
-        )
-        cursor.execute("DELETE FROM public.tenants WHERE clerk_org_id = %s", (tenant.org_id,))
-        connection.commit()
+        backend.use_schema(tenant.schema)
+        with backend.transaction():
+            backend.lock_schema(read=False)  # waits for any run migrating this tenant
+            registry.unregister(cursor, tenant)
         result.dropped = True
         return result
     finally:
-        connection.close()
+        backend.connection.close()
 
 
 def dump_schema(params: Mapping[str, str], schema: str, path: Path) -> Path:

@@ -93,6 +93,14 @@ def register(cursor, tenant: Tenant) -> None:
     cursor.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(tenant.schema)))
 
 
+def unregister(cursor, tenant: Tenant) -> None:
+    """Drop the schema (with everything in it) and the registry row, in the caller's transaction."""
+    cursor.execute(
+        sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant.schema))
+    )
+    cursor.execute("DELETE FROM public.tenants WHERE clerk_org_id = %s", (tenant.org_id,))
+
+
 def existing_schemas(cursor, schemas: list[str]) -> set[str]:
     cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (schemas,))
     return {row[0] for row in cursor.fetchall()}
