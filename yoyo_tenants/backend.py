@@ -458,8 +458,8 @@ class TenantBackend(PostgresqlBackend):
             raise LockBusy(str(exc)) from None
 
     def _run_steps_on_session(self, migration: Migration, direction: str, force) -> None:
-        self.execute(
-            "SELECT set_config('search_path', :path, false),"
+        pid = self.execute(
+            "SELECT pg_backend_pid(), set_config('search_path', :path, false),"
             " set_config('lock_timeout', :lock_timeout, false),"
             " set_config('statement_timeout', :statement_timeout, false)",
             {
@@ -467,8 +467,19 @@ class TenantBackend(PostgresqlBackend):
                 "lock_timeout": _ms(self.lock_timeout),
                 "statement_timeout": _ms(self.statement_timeout),
             },
-        )
+        ).fetchone()[0]
         try:
             migration.process_steps(self, direction, force=force)
         finally:
-            self.execute("RESET search_path; RESET lock_timeout; RESET statement_timeout")
+            cursor = self.execute(
+                "RESET search_path; RESET lock_timeout; RESET statement_timeout; "
+                "SELECT pg_backend_pid()"
+            )
+        if cursor.fetchone()[0] != pid:
+            # A transaction-pooling PgBouncer handed us another server connection between
+            # statements: the session settings (and lock) did not follow. Say so loudly.
+            raise NotReady(
+                f"{migration.id} is non-transactional, and its statements ran on different "
+                "server connections (a transaction-pooling PgBouncer?): run it over a direct "
+                "connection"
+            )

@@ -16,12 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import psycopg2
 from psycopg2 import sql
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
 from .backend import AppliedMigration, TenantBackend
 from .db import error_text, open_backend
-from .errors import LockBusy, MigrationsMissing, UsageError
+from .errors import LockBusy, MigrationsMissing, TenantsError, UsageError
 from .plan import drift
 
 LOCK_NOT_AVAILABLE = "55P03"
@@ -379,8 +380,16 @@ def run_schemas(
         backend.use_schema(result.schema, tables_ready(result.schema))
         try:
             action(backend, result)
-        except (MigrationsMissing, UsageError) as exc:  # about this schema only: the rest go on
+        except TenantsError as exc:  # about this schema only: the rest go on
             result.error = str(exc)
+        except psycopg2.Error as exc:
+            # Outside any one migration (a deadlock at commit, a dropped connection): this schema
+            # failed and its transaction is gone; the next schema gets a fresh connection.
+            result.error = error_text(exc)
+            local.backend = None
+            with lock:
+                backends.remove(backend)
+            backend.connection.close()
         if result.error and fail_fast:
             stop.set()
         if on_result:
