@@ -58,11 +58,10 @@ def run_summary(console: Console, run: RunResult, what: str) -> None:
 
 
 def _failures(console: Console, run: RunResult) -> None:
-    if run.failed:
-        table = Table("org id", "schema", "migration", "error", title="Not done")
-        for r in run.failed:
-            table.add_row(r.org_id or "-", r.schema, r.failed_migration or "-", r.error or r.status)
-        console.print(table)
+    # Plain lines, not a table: ids and errors must survive narrow terminals and CI logs whole.
+    for r in run.failed:
+        where = f" in {r.failed_migration}" if r.failed_migration else ""
+        console.print(f"{r.status}: {_name(r)}{where}: {r.error or 'the run stopped first'}")
 
 
 def run_json(run: RunResult) -> dict:
@@ -188,6 +187,8 @@ def status(console: Console, report: Status, show_all: bool) -> None:
     shown = [t for t in report.tenants if show_all or t.state != "at head"]
     if shown:
         table = Table("org id", "schema", "state", "applied", "pending")
+        for column in table.columns:
+            column.overflow = "fold"  # ids are useless cut short
         for t in shown:
             pending = ", ".join(t.pending + t.drift)
             table.add_row(t.org_id, t.schema, t.state, str(len(t.applied)), pending)

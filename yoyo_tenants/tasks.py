@@ -72,6 +72,12 @@ def _number(value, name: str, kind=int):
     return number
 
 
+def _jobs(value) -> int:
+    # The default is None, not DEFAULT_JOBS: invoke would parse an int default itself, and a
+    # non-number would end in its traceback instead of our message.
+    return commands.DEFAULT_JOBS if value is None else _number(value, "jobs")
+
+
 def _run_options(lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run):
     return {
         "lock_wait": _number(lock_wait, "lock_wait", float),
@@ -111,14 +117,14 @@ def migrate_master(c, lock_wait=None, lock_timeout=None, statement_timeout=None,
 
 @task(help=_help("tenant", "jobs", "fail_fast", "json", *RUN_FLAGS))
 @edge
-def migrate_tenants(c, tenant=None, jobs=commands.DEFAULT_JOBS, fail_fast=False, json=None,
+def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, json=None,
                     lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
                     allow_drift=False, dry_run=False):  # fmt: skip
     """Apply pending tenant migrations (migrations/tenant) to every tenant schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    jobs = _number(jobs, "jobs")
+    jobs = _jobs(jobs)
     if not dry_run:
         out.print(f"migrating tenants with {jobs} jobs", style="dim")
     with report.progress(out, "tenants") as tick:
@@ -143,7 +149,7 @@ def rollback_master(c, steps=None, to=None, lock_wait=None, lock_timeout=None,
 
 @task(help=_help("tenant", "steps", "to", "jobs", "fail_fast", "json", *RUN_FLAGS))
 @edge
-def rollback_tenants(c, tenant=None, steps=None, to=None, jobs=commands.DEFAULT_JOBS,
+def rollback_tenants(c, tenant=None, steps=None, to=None, jobs=None,
                      fail_fast=False, json=None, lock_wait=None, lock_timeout=None,
                      statement_timeout=None, retries=None, allow_drift=False,
                      dry_run=False):  # fmt: skip
@@ -157,7 +163,7 @@ def rollback_tenants(c, tenant=None, steps=None, to=None, jobs=commands.DEFAULT_
             tenant=tenant,
             steps=_number(steps, "steps"),
             to=to,
-            jobs=_number(jobs, "jobs"),
+            jobs=_jobs(jobs),
             fail_fast=fail_fast,
             on_result=tick,
             **options,
