@@ -329,16 +329,27 @@ def scan(cursor, schemas: Sequence[str]) -> dict[str, SchemaState]:
     return states
 
 
+class Stop(threading.Event):
+    """Set to stop starting new schemas; `signalled` says a SIGINT or SIGTERM asked for it."""
+
+    signalled = False
+
+
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM: stop starting new schemas, let running ones finish."""
-    stop = threading.Event()
+def stop_on_signals() -> Iterator[Stop]:
+    """A Stop set by SIGINT or SIGTERM: stop starting new schemas, let running ones finish."""
+    stop = Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+
+    def handle(signum, frame):
+        stop.signalled = True
+        stop.set()
+
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, handle)
     try:
         yield stop
     finally:
@@ -403,6 +414,6 @@ def run_schemas(
         finally:
             for backend in backends:
                 backend.connection.close()
-        run.interrupted = stop.is_set() and not fail_fast
+        run.interrupted = stop.signalled
     run.duration = time.perf_counter() - started
     return run
