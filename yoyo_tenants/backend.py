@@ -25,6 +25,8 @@ import getpass
 import hashlib
 import socket
 import time
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,10 +35,11 @@ from pathlib import Path
 from weakref import WeakKeyDictionary
 
 from psycopg2 import sql
-from yoyo import exceptions
+from yoyo import exceptions, utils
 from yoyo.backends.core.postgresql import PostgresqlBackend
 from yoyo.migrations import Migration, default_migration_table
 
+from .deferred import DeferringConnection
 from .errors import LockBusy, NotReady
 
 MAX_IDENTIFIER_BYTES = 63
@@ -155,13 +158,17 @@ class TenantBackend(PostgresqlBackend):
 
     def __init__(self, dburi, migration_table=default_migration_table):
         self._elided: set[str] = set()
+        self._sql: dict[str, str] = {}
+        self._records: list[bytes] | None = None
         super().__init__(dburi, migration_table)
         self.use_schema(self.schema)
 
     # -- scope ---------------------------------------------------------------------------------
 
     def connect(self, dburi):
-        connection = super().connect(dburi)  # pops the "schema" argument into self.schema
+        # yoyo passes the URI's arguments to psycopg2.connect; add our connection class.
+        args = {**dburi.args, "connection_factory": DeferringConnection}
+        connection = super().connect(dburi._replace(args=args))  # pops "schema" into self.schema
         self.schema = self.schema or "public"
         return connection
 
@@ -175,6 +182,15 @@ class TenantBackend(PostgresqlBackend):
         self.schema = check_schema_name(schema)
         self.batch = None
         self._internal_schema_updated = tables_ready
+        self._sql.clear()
+
+    def format_sql(self, s, **kwargs):
+        # yoyo builds a class for every call; log and mark statements are formatted per migration.
+        if kwargs:
+            return super().format_sql(s, **kwargs)
+        if s not in self._sql:
+            self._sql[s] = super().format_sql(s)
+        return self._sql[s]
 
     @property
     def search_path(self) -> str:
@@ -215,9 +231,40 @@ class TenantBackend(PostgresqlBackend):
     def begin(self):
         assert not self._in_transaction
         self._in_transaction = True
-        self.execute(
-            "BEGIN; SELECT set_config('search_path', :path, true)", {"path": self.search_path}
+        self.cursor().execute(sql.SQL("BEGIN; ") + self._set_search_path())
+
+    def _set_search_path(self) -> sql.Composable:
+        return sql.SQL("SELECT set_config('search_path', {}, true)").format(
+            sql.Literal(self.search_path)
         )
+
+    @contextmanager
+    def schema_transaction(self, wait: float | None = None) -> Iterator[list[AppliedMigration]]:
+        """A transaction on this schema under its advisory lock; yields its applied migrations.
+
+        For runs over many schemas: BEGIN, the search path, the lock and the read of the
+        migration table go out as one message, and the log and mark rows of what was applied
+        go out with the COMMIT, so a schema with one pending migration costs three round trips.
+        """
+        assert not self._in_transaction
+        self._in_transaction = True
+        self._records = []
+        try:
+            cursor = self.cursor()
+            statements = self._lock_statements(wait, read=True)
+            try:
+                cursor.execute(sql.SQL("; ").join([sql.SQL("BEGIN"), *statements]))
+            except self.driver.errors.LockNotAvailable as exc:
+                raise LockBusy(f"schema {self.schema} is locked by another run") from exc
+            self._internal_schema_updated = True
+            yield [AppliedMigration(*row) for row in cursor.fetchall()]
+            records, self._records = self._records, None
+            self.cursor().execute(b"; ".join([*records, b"COMMIT"]))
+            self._in_transaction = False
+        except BaseException:
+            self._records = None
+            self.rollback()
+            raise
 
     def list_tables(self, **kwargs):
         return super(PostgresqlBackend, self).list_tables(schema=self.schema, **kwargs)
@@ -232,8 +279,20 @@ class TenantBackend(PostgresqlBackend):
         thousands of schemas, round trips are what a run costs.
         """
         assert self._in_transaction
+        cursor = self.cursor()
+        try:
+            cursor.execute(sql.SQL("; ").join(self._lock_statements(wait, read)))
+        except self.driver.errors.LockNotAvailable as exc:
+            raise LockBusy(f"schema {self.schema} is locked by another run") from exc
+        if not read:
+            return []
+        self._internal_schema_updated = True
+        return [AppliedMigration(*row) for row in cursor.fetchall()]
+
+    def _lock_statements(self, wait: float | None, read: bool) -> list[sql.Composable]:
         wait = self.lock_wait if wait is None else wait
         statements = [
+            self._set_search_path(),
             sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(
                 sql.Literal(_ms(wait) if wait else "1ms")
             ),
@@ -251,15 +310,7 @@ class TenantBackend(PostgresqlBackend):
             statements.append(sql.SQL(self._internal_tables_sql()))
         if read:
             statements.append(sql.SQL(self._applied_sql()))
-        cursor = self.cursor()
-        try:
-            cursor.execute(sql.SQL("; ").join(statements))
-        except self.driver.errors.LockNotAvailable as exc:
-            raise LockBusy(f"schema {self.schema} is locked by another run") from exc
-        if not read:
-            return []
-        self._internal_schema_updated = True
-        return [AppliedMigration(*row) for row in cursor.fetchall()]
+        return statements
 
     @contextmanager
     def lock(self, timeout=10):
@@ -353,9 +404,17 @@ class TenantBackend(PostgresqlBackend):
             self.log_migration(migration, "mark")
 
     def get_log_data(self, migration=None, operation="apply"):
-        data = super().get_log_data(migration, operation)
-        data["username"], data["hostname"] = _log_identity()
-        return data
+        # yoyo's own looks up the user and the host's FQDN for every row.
+        username, hostname = _log_identity()
+        return {
+            "id": str(uuid.uuid1()),
+            "migration_id": migration.id if migration else None,
+            "migration_hash": migration.hash if migration else None,
+            "username": username,
+            "hostname": hostname,
+            "created_at_utc": datetime.now(timezone.utc).replace(tzinfo=None),
+            "operation": operation,
+        }
 
     # -- applying ------------------------------------------------------------------------------
 
@@ -406,12 +465,15 @@ class TenantBackend(PostgresqlBackend):
     def savepoint(self, id):
         if self._elide_savepoints:
             self._elided.add(id)
-        else:
-            super().savepoint(id)
+        else:  # sent with the migration's first statement: see deferred.py
+            self.connection.defer(f"SAVEPOINT {self.quote_identifier(id)}")
 
     def savepoint_rollback(self, id):
+        statement = f"SAVEPOINT {self.quote_identifier(id)}"
         if id in self._elided:
             self._elided.discard(id)  # the migration's own savepoint rolls back instead
+        elif statement in self.connection.deferred:
+            self.connection.deferred.remove(statement)  # never sent: nothing to undo
         else:
             super().savepoint_rollback(id)
 
@@ -420,6 +482,9 @@ class TenantBackend(PostgresqlBackend):
         self._elided.clear()
 
     def rollback(self):
+        # A savepoint still waiting to be sent would fail in an aborted transaction and take
+        # the ROLLBACK down with it.
+        self.connection.deferred.clear()
         super().rollback()
         self._elided.clear()
 
@@ -438,7 +503,13 @@ class TenantBackend(PostgresqlBackend):
             )
         elif mark:
             statements.append(self.format_sql(self.unmark_migration_sql))
-        self.execute("; ".join(statements), params)
+        query, params = utils.change_param_style(
+            self.driver.paramstyle, "; ".join(statements), params
+        )
+        if self._records is not None:  # in a schema_transaction: goes out with its COMMIT
+            self._records.append(self.cursor().mogrify(query, params))
+        else:
+            self.cursor().execute(query, params)
 
     def _without_transaction(self, migration: Migration, direction: str, force, mark) -> None:
         # CREATE INDEX CONCURRENTLY and friends cannot run in a transaction block, so neither can

@@ -145,8 +145,7 @@ def apply_schema(
     try:
         while True:
             error = deferred = None
-            with backend.transaction():
-                applied = backend.lock_schema(options.lock_wait)
+            with backend.schema_transaction(options.lock_wait) as applied:
                 if not options.allow_drift and (problems := drift(applied, migrations)):
                     result.error = f"drift in {result.schema}: {'; '.join(problems)}"
                     result.error += " (fix the files, or pass --allow-drift)"
@@ -194,8 +193,7 @@ def rollback_schema(
     try:
         while True:
             error = deferred = None
-            with backend.transaction():
-                applied = backend.lock_schema(options.lock_wait)
+            with backend.schema_transaction(options.lock_wait) as applied:
                 if chosen is None:  # the target is chosen once, by the first transaction
                     rows = target.select(applied)
                     if missing := [r.migration_id for r in rows if r.migration_hash not in by_hash]:
