@@ -239,8 +239,11 @@ class TenantBackend(PostgresqlBackend):
         )
 
     @contextmanager
-    def schema_transaction(self, wait: float | None = None) -> Iterator[list[AppliedMigration]]:
-        """A transaction on this schema under its advisory lock; yields its applied migrations.
+    def schema_transaction(
+        self, wait: float | None = None, read: bool = True
+    ) -> Iterator[list[AppliedMigration]]:
+        """A transaction on this schema under its advisory lock; yields its applied migrations
+        (if `read`: the schema may not exist yet).
 
         For runs over many schemas: BEGIN, the search path, the lock and the read of the
         migration table go out as one message, and the log and mark rows of what was applied
@@ -251,13 +254,14 @@ class TenantBackend(PostgresqlBackend):
         self._records = []
         try:
             cursor = self.cursor()
-            statements = self._lock_statements(wait, read=True)
+            statements = self._lock_statements(wait, read)
             try:
                 cursor.execute(sql.SQL("; ").join([sql.SQL("BEGIN"), *statements]))
             except self.driver.errors.LockNotAvailable as exc:
                 raise LockBusy(f"schema {self.schema} is locked by another run") from exc
-            self._internal_schema_updated = True
-            yield [AppliedMigration(*row) for row in cursor.fetchall()]
+            if read:
+                self._internal_schema_updated = True
+            yield [AppliedMigration(*row) for row in cursor.fetchall()] if read else []
             records, self._records = self._records, None
             self.cursor().execute(b"; ".join([*records, b"COMMIT"]))
             self._in_transaction = False

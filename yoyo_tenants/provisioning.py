@@ -43,44 +43,56 @@ def provision_tenant(
     backend = open_backend(server_params(settings))
     done = Provisioned(tenant, created=False, dry_run=dry_run)
     try:
-        cursor = backend.connection.cursor()
-        registry.ensure_registry(cursor)
         backend.use_schema(tenant.schema)
         backend.lock_timeout = settings.lock_timeout
         backend.statement_timeout = settings.statement_timeout
-        # One transaction: the registry row, the schema and its migrations commit together.
-        with backend.transaction() as transaction:
-            backend.lock_schema(lock_wait, read=False)  # the schema may not exist yet
-            done.created = _register(cursor, tenant, dry_run)
-            if dry_run:
-                transaction.rollback_on_exit = True
-                if done.created:
-                    done.sql = ["-- register and CREATE SCHEMA " + tenant.schema]
-            applied = [] if done.created else backend.applied()
-            if problems := drift(applied, migrations):
-                raise NotReady(f"drift in {tenant.schema}: {'; '.join(problems)}")
-            for migration in pending(migrations, applied):
+        try:
+            # One transaction: the registry row, the schema and its migrations commit together.
+            with backend.schema_transaction(lock_wait, read=False):  # no schema yet, maybe
+                applied = _provision(backend, done, migrations)
                 if dry_run:
-                    done.migrations.append(migration.id)
-                    done.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]
-                    continue
-                if not migration.use_transactions:
-                    break  # cannot share the transaction: applied below, after it commits
-                try:
-                    backend.apply_in_transaction(migration)
-                except backend.DatabaseError as exc:
-                    error = explain(backend, exc)
-                    raise MigrationFailed(migration.id, tenant.schema, error) from None
-                done.migrations.append(migration.id)
-            if done.migrations and not dry_run:
-                for hook in migrations.post_apply:
-                    backend.apply_in_transaction(hook, mark=False)
+                    raise _Discard
+        except _Discard:
+            pass
         if not dry_run and len(done.migrations) < len(pending(migrations, applied)):
             _finish_outside_transaction(backend, migrations, done, lock_wait)
     finally:
         backend.connection.close()
     done.duration = time.perf_counter() - started
     return done
+
+
+class _Discard(Exception):
+    """Raised to roll back a dry run's transaction."""
+
+
+def _provision(backend, done: Provisioned, migrations) -> list:
+    """Register the tenant unless it is, and apply its transactional migrations; or, in a dry
+    run, say what that would do. Returns what was applied before."""
+    tenant = done.tenant
+    done.created = _register(backend.connection.cursor(), tenant, done.dry_run)
+    if done.dry_run and done.created:
+        done.sql = ["-- register and CREATE SCHEMA " + tenant.schema]
+    applied = [] if done.created else backend.applied()
+    if problems := drift(applied, migrations):
+        raise NotReady(f"drift in {tenant.schema}: {'; '.join(problems)}")
+    for migration in pending(migrations, applied):
+        if done.dry_run:
+            done.migrations.append(migration.id)
+            done.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]
+            continue
+        if not migration.use_transactions:
+            break  # cannot share the transaction: applied after it commits
+        try:
+            backend.apply_in_transaction(migration)
+        except backend.DatabaseError as exc:
+            error = explain(backend, exc)
+            raise MigrationFailed(migration.id, tenant.schema, error) from None
+        done.migrations.append(migration.id)
+    if done.migrations and not done.dry_run:
+        for hook in migrations.post_apply:
+            backend.apply_in_transaction(hook, mark=False)
+    return applied
 
 
 def _finish_outside_transaction(backend, migrations, done: Provisioned, lock_wait) -> None:
@@ -100,31 +112,29 @@ def _finish_outside_transaction(backend, migrations, done: Provisioned, lock_wai
     done.migrations += result.migrations
     if result.error:
         if done.created:
-            with backend.transaction():
-                backend.lock_schema(lock_wait, read=False)
+            with backend.schema_transaction(lock_wait, read=False):
                 registry.unregister(backend.connection.cursor(), tenant)
         raise MigrationFailed(result.failed_migration or "-", tenant.schema, result.error)
 
 
 def _register(cursor, tenant: Tenant, dry_run: bool) -> bool:
     """Register `tenant` and create its schema; False if it was registered already."""
-    existing = registry.find_tenant(cursor, tenant.org_id)
-    if existing:
-        if existing.schema != tenant.schema:
+    registered_schema, schema_owner, schema_exists = registry.lookup(cursor, tenant)
+    if registered_schema:
+        if registered_schema != tenant.schema:
             raise SchemaCollision(
-                f"{tenant.org_id} is registered with schema {existing.schema}, "
+                f"{tenant.org_id} is registered with schema {registered_schema}, "
                 f"expected {tenant.schema}"
             )
-        if not registry.existing_schemas(cursor, [tenant.schema]):
+        if not schema_exists:
             raise NotReady(f"{tenant.org_id} is registered but schema {tenant.schema} is missing")
         return False
-    owner = registry.owner_of_schema(cursor, tenant.schema)
-    if owner:
+    if schema_owner:
         raise SchemaCollision(
-            f"{tenant.org_id} and {owner} both map to schema {tenant.schema}: "
+            f"{tenant.org_id} and {schema_owner} both map to schema {tenant.schema}: "
             "refusing to share it; nothing was written"
         )
-    if registry.existing_schemas(cursor, [tenant.schema]):
+    if schema_exists:
         raise SchemaCollision(
             f"schema {tenant.schema} exists but no tenant is registered for it: "
             "remove or register it first; nothing was written"
@@ -169,8 +179,7 @@ def deprovision_tenant(
         if archive is not None:
             result.archive = dump_schema(params, tenant.schema, Path(archive))
         backend.use_schema(tenant.schema)
-        with backend.transaction():
-            backend.lock_schema(read=False)  # waits for any run migrating this tenant
+        with backend.schema_transaction(read=False):  # waits for any run on this tenant
             registry.unregister(cursor, tenant)
         result.dropped = True
         return result

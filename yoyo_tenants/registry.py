@@ -11,6 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+import psycopg2
 from psycopg2 import sql
 
 from .errors import NotReady, UnknownTenant, UsageError
@@ -19,6 +20,7 @@ ORG_ID = re.compile(r"org_[A-Za-z0-9]+")
 MAX_ORG_ID_LENGTH = 64
 SCHEMA_PREFIX = "tid_"
 SCHEMA_NAME = re.compile(r"tid_[0-9a-f]{10}")
+REGISTRY_MISSING = "the tenant registry public.tenants does not exist: run invoke migrate-master"
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,7 @@ def ensure_registry(cursor) -> None:
     """Fail clearly when the master migrations (which create the registry) have not run."""
     cursor.execute("SELECT to_regclass('public.tenants')")
     if cursor.fetchone()[0] is None:
-        raise NotReady(
-            "the tenant registry public.tenants does not exist: run invoke migrate-master"
-        )
+        raise NotReady(REGISTRY_MISSING)
 
 
 def list_tenants(cursor) -> list[Tenant]:
@@ -78,19 +78,30 @@ def get_tenant(cursor, org_id: str) -> Tenant:
     return tenant
 
 
-def owner_of_schema(cursor, schema: str) -> str | None:
-    cursor.execute("SELECT clerk_org_id FROM public.tenants WHERE schema_name = %s", (schema,))
-    row = cursor.fetchone()
-    return row[0] if row else None
+def lookup(cursor, tenant: Tenant) -> tuple[str | None, str | None, bool]:
+    """In one query: the schema registered for tenant.org_id, the org registered for
+    tenant.schema, and whether that schema exists."""
+    try:
+        cursor.execute(
+            "SELECT (SELECT schema_name FROM public.tenants WHERE clerk_org_id = %s),"
+            " (SELECT clerk_org_id FROM public.tenants WHERE schema_name = %s),"
+            " EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)",
+            (tenant.org_id, tenant.schema, tenant.schema),
+        )
+    except psycopg2.errors.UndefinedTable:
+        raise NotReady(REGISTRY_MISSING) from None
+    return cursor.fetchone()
 
 
 def register(cursor, tenant: Tenant) -> None:
     """Insert the registry row and create the schema, in the caller's transaction."""
     cursor.execute(
-        "INSERT INTO public.tenants (clerk_org_id, schema_name) VALUES (%s, %s)",
+        sql.SQL(
+            "INSERT INTO public.tenants (clerk_org_id, schema_name) VALUES (%s, %s); "
+            "CREATE SCHEMA {}"
+        ).format(sql.Identifier(tenant.schema)),
         (tenant.org_id, tenant.schema),
     )
-    cursor.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(tenant.schema)))
 
 
 def unregister(cursor, tenant: Tenant) -> None:
