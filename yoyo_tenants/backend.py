@@ -35,7 +35,7 @@ from pathlib import Path
 from weakref import WeakKeyDictionary
 
 from psycopg2 import sql
-from yoyo import exceptions, utils
+from yoyo import exceptions
 from yoyo.backends.core.postgresql import PostgresqlBackend
 from yoyo.migrations import Migration, default_migration_table
 
@@ -81,6 +81,14 @@ def migration_checksum(migration: Migration) -> str:
             digest.update(b"\0rollback\0" + rollback.read_bytes())
         checksum = _checksums[migration] = digest.hexdigest()
     return checksum
+
+
+class _Quoter:
+    def __init__(self, quote):
+        self.quote = quote
+
+    def __getattr__(self, name):
+        return self.quote(name)
 
 
 def _tolerates_errors(steps) -> bool:
@@ -143,6 +151,26 @@ class TenantBackend(PostgresqlBackend):
         );
         INSERT INTO {version} VALUES (2, now() AT TIME ZONE 'utc') ON CONFLICT DO NOTHING
     """
+    lock_sql = (
+        "SELECT set_config('search_path', %(search_path)s, true); "
+        "SELECT set_config('lock_timeout', %(wait)s, true); "
+        "SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0)); "
+        # From here on the migrations run: bound how long a statement may wait for a table lock
+        # (so the app's queries never queue behind a blocked ALTER for long) and may run.
+        "SELECT set_config('lock_timeout', %(lock_timeout)s, true), "
+        "set_config('statement_timeout', %(statement_timeout)s, true)"
+    )
+    # The log and mark rows, as psycopg2 parameters (yoyo's own are rewritten on every call).
+    log_sql = (
+        "INSERT INTO {log} (id, migration_hash, migration_id, operation, username, hostname, "
+        "created_at_utc) VALUES (%(id)s, %(migration_hash)s, %(migration_id)s, %(operation)s, "
+        "%(username)s, %(hostname)s, %(created_at_utc)s)"
+    )
+    mark_sql = (
+        "INSERT INTO {migrations} (migration_hash, migration_id, applied_at_utc, batch, checksum) "
+        "VALUES (%(migration_hash)s, %(migration_id)s, %(created_at_utc)s, %(batch)s, %(checksum)s)"
+    )
+    unmark_sql = "DELETE FROM {migrations} WHERE migration_hash = %(migration_hash)s"
     applied_sql = """
         SELECT migration_hash, migration_id, applied_at_utc, batch, checksum
         FROM {migrations} ORDER BY batch, applied_at_utc, migration_id
@@ -158,7 +186,7 @@ class TenantBackend(PostgresqlBackend):
 
     def __init__(self, dburi, migration_table=default_migration_table):
         self._elided: set[str] = set()
-        self._sql: dict[str, str] = {}
+        self._names: dict[str, str] = {}
         self._records: list[bytes] | None = None
         super().__init__(dburi, migration_table)
         self.use_schema(self.schema)
@@ -182,37 +210,38 @@ class TenantBackend(PostgresqlBackend):
         self.schema = check_schema_name(schema)
         self.batch = None
         self._internal_schema_updated = tables_ready
-        self._sql.clear()
+        self._names = {
+            "migrations": self.qualified(self.migration_table),
+            "log": self.qualified(self.log_table),
+            "version": self.qualified(self.version_table),
+            # public stays second so that extension types installed there (pgvector) resolve.
+            "search_path": "public"
+            if schema == "public"
+            else sql.SQL("{}, public").format(sql.Identifier(schema)).as_string(self.connection),
+        }
 
     def format_sql(self, s, **kwargs):
-        # yoyo builds a class for every call; log and mark statements are formatted per migration.
-        if kwargs:
-            return super().format_sql(s, **kwargs)
-        if s not in self._sql:
-            self._sql[s] = super().format_sql(s)
-        return self._sql[s]
+        # As yoyo's, without defining a class on every call.
+        return s.format(self, quoted=_Quoter(self.quote_identifier), **kwargs)
 
     @property
     def search_path(self) -> str:
-        # public stays second so that extension types installed there (pgvector) resolve.
-        if self.schema == "public":
-            return "public"
-        return sql.SQL("{}, public").format(sql.Identifier(self.schema)).as_string(self.connection)
+        return self._names["search_path"]
 
     def qualified(self, table: str) -> str:
         return sql.Identifier(self.schema, table).as_string(self.connection)
 
     @property
     def migration_table_quoted(self) -> str:
-        return self.qualified(self.migration_table)
+        return self._names["migrations"]
 
     @property
     def log_table_quoted(self) -> str:
-        return self.qualified(self.log_table)
+        return self._names["log"]
 
     @property
     def version_table_quoted(self) -> str:
-        return self.qualified(self.version_table)
+        return self._names["version"]
 
     def init_database(self):
         # yoyo creates a lock table and probes transactional DDL with a scratch table here, for
@@ -231,11 +260,8 @@ class TenantBackend(PostgresqlBackend):
     def begin(self):
         assert not self._in_transaction
         self._in_transaction = True
-        self.cursor().execute(sql.SQL("BEGIN; ") + self._set_search_path())
-
-    def _set_search_path(self) -> sql.Composable:
-        return sql.SQL("SELECT set_config('search_path', {}, true)").format(
-            sql.Literal(self.search_path)
+        self.cursor().execute(
+            "BEGIN; SELECT set_config('search_path', %s, true)", (self.search_path,)
         )
 
     @contextmanager
@@ -254,9 +280,9 @@ class TenantBackend(PostgresqlBackend):
         self._records = []
         try:
             cursor = self.cursor()
-            statements = self._lock_statements(wait, read)
+            query, params = self._lock_query(wait, read)
             try:
-                cursor.execute(sql.SQL("; ").join([sql.SQL("BEGIN"), *statements]))
+                cursor.execute("BEGIN; " + query, params)
             except self.driver.errors.LockNotAvailable as exc:
                 raise LockBusy(f"schema {self.schema} is locked by another run") from exc
             if read:
@@ -285,7 +311,7 @@ class TenantBackend(PostgresqlBackend):
         assert self._in_transaction
         cursor = self.cursor()
         try:
-            cursor.execute(sql.SQL("; ").join(self._lock_statements(wait, read)))
+            cursor.execute(*self._lock_query(wait, read))
         except self.driver.errors.LockNotAvailable as exc:
             raise LockBusy(f"schema {self.schema} is locked by another run") from exc
         if not read:
@@ -293,28 +319,21 @@ class TenantBackend(PostgresqlBackend):
         self._internal_schema_updated = True
         return [AppliedMigration(*row) for row in cursor.fetchall()]
 
-    def _lock_statements(self, wait: float | None, read: bool) -> list[sql.Composable]:
+    def _lock_query(self, wait: float | None, read: bool) -> tuple[str, dict]:
         wait = self.lock_wait if wait is None else wait
-        statements = [
-            self._set_search_path(),
-            sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(
-                sql.Literal(_ms(wait) if wait else "1ms")
-            ),
-            sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(
-                sql.Literal(self._key)
-            ),
-            # From here on the migrations run: bound how long a statement may wait for a table
-            # lock (so the app's queries never queue behind a blocked ALTER for long) and run.
-            sql.SQL(
-                "SELECT set_config('lock_timeout', {}, true), "
-                "set_config('statement_timeout', {}, true)"
-            ).format(sql.Literal(_ms(self.lock_timeout)), sql.Literal(_ms(self.statement_timeout))),
-        ]
+        statements = [self.lock_sql]
         if read and not self._internal_schema_updated:
-            statements.append(sql.SQL(self._internal_tables_sql()))
+            statements.append(self._internal_tables_sql())
         if read:
-            statements.append(sql.SQL(self._applied_sql()))
-        return statements
+            statements.append(self._applied_sql())
+        params = {
+            "search_path": self.search_path,
+            "wait": _ms(wait) if wait else "1ms",
+            "key": self._key,
+            "lock_timeout": _ms(self.lock_timeout),
+            "statement_timeout": _ms(self.statement_timeout),
+        }
+        return "; ".join(statements), params
 
     @contextmanager
     def lock(self, timeout=10):
@@ -411,7 +430,7 @@ class TenantBackend(PostgresqlBackend):
         # yoyo's own looks up the user and the host's FQDN for every row.
         username, hostname = _log_identity()
         return {
-            "id": str(uuid.uuid1()),
+            "id": str(uuid.uuid4()),
             "migration_id": migration.id if migration else None,
             "migration_hash": migration.hash if migration else None,
             "username": username,
@@ -493,24 +512,19 @@ class TenantBackend(PostgresqlBackend):
         self._elided.clear()
 
     def record(self, migration: Migration, operation: str, mark: bool = True) -> None:
-        """Log `operation` and mark (or unmark) the migration: one round trip."""
-        statements = [self.format_sql(self.log_migration_sql)]
+        """Log `operation` and mark (or unmark) the migration: one round trip, or none inside a
+        schema_transaction, whose COMMIT carries them."""
+        statements = [self.log_sql]
         params = self.get_log_data(migration, operation)
         if mark and operation == "apply":
             if self.batch is None:
                 self.batch = self.next_batch()
-            statements.append(self.format_sql(self.mark_migration_sql))
-            params.update(
-                when=params["created_at_utc"],
-                batch=self.batch,
-                checksum=migration_checksum(migration),
-            )
+            statements.append(self.mark_sql)
+            params.update(batch=self.batch, checksum=migration_checksum(migration))
         elif mark:
-            statements.append(self.format_sql(self.unmark_migration_sql))
-        query, params = utils.change_param_style(
-            self.driver.paramstyle, "; ".join(statements), params
-        )
-        if self._records is not None:  # in a schema_transaction: goes out with its COMMIT
+            statements.append(self.unmark_sql)
+        query = "; ".join(statements).format(**self._names)
+        if self._records is not None:
             self._records.append(self.cursor().mogrify(query, params))
         else:
             self.cursor().execute(query, params)
