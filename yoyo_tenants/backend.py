@@ -120,10 +120,10 @@ class TenantBackend(PostgresqlBackend):
     batch: int | None = None
     #: Seconds to wait for another run's lock on the schema before giving up.
     lock_wait = 60.0
-    _elide_savepoints = False
     #: Seconds a migration statement may wait for a table lock, and may run (0: no limit).
     lock_timeout = 5.0
     statement_timeout = 0.0
+    _elide_savepoints = False
 
     create_internal_tables_sql = """
         CREATE TABLE IF NOT EXISTS {migrations} (
@@ -175,11 +175,6 @@ class TenantBackend(PostgresqlBackend):
         SELECT migration_hash, migration_id, applied_at_utc, batch, checksum
         FROM {migrations} ORDER BY batch, applied_at_utc, migration_id
     """
-    mark_migration_sql = (
-        "INSERT INTO {0.migration_table_quoted} "
-        "(migration_hash, migration_id, applied_at_utc, batch, checksum) "
-        "VALUES (:migration_hash, :migration_id, :when, :batch, :checksum)"
-    )
     list_tables_sql = (
         "SELECT table_name FROM information_schema.tables WHERE table_schema = :schema"
     )
@@ -410,21 +405,13 @@ class TenantBackend(PostgresqlBackend):
         return self.execute(query).fetchone()[0]
 
     def mark_one(self, migration, log=True):
+        # `yoyo mark`: recorded as applied (with batch and checksum) without running it.
         self.ensure_internal_schema_updated()
-        if self.batch is None:
-            self.batch = self.next_batch()
-        self.execute(
-            self.format_sql(self.mark_migration_sql),
-            {
-                "migration_hash": migration.hash,
-                "migration_id": migration.id,
-                "when": datetime.now(timezone.utc).replace(tzinfo=None),
-                "batch": self.batch,
-                "checksum": migration_checksum(migration),
-            },
-        )
-        if log:
-            self.log_migration(migration, "mark")
+        self.record(migration, "mark")
+
+    def unmark_one(self, migration, log=True):
+        self.ensure_internal_schema_updated()
+        self.record(migration, "unmark")
 
     def get_log_data(self, migration=None, operation="apply"):
         # yoyo's own looks up the user and the host's FQDN for every row.
@@ -512,11 +499,12 @@ class TenantBackend(PostgresqlBackend):
         self._elided.clear()
 
     def record(self, migration: Migration, operation: str, mark: bool = True) -> None:
-        """Log `operation` and mark (or unmark) the migration: one round trip, or none inside a
-        schema_transaction, whose COMMIT carries them."""
+        """Log `operation` ("apply", "rollback", "mark", "unmark") and, if `mark`, mark or
+        unmark the migration: one round trip, or none in a schema_transaction, whose COMMIT
+        carries them."""
         statements = [self.log_sql]
         params = self.get_log_data(migration, operation)
-        if mark and operation == "apply":
+        if mark and operation in ("apply", "mark"):
             if self.batch is None:
                 self.batch = self.next_batch()
             statements.append(self.mark_sql)
