@@ -140,43 +140,26 @@ def apply_schema(
     timed out waiting for a table lock is retried after a pause, outside any transaction, so the
     app's queries are never queued behind it for long.
     """
-    started = time.perf_counter()
     batch = None
-    try:
-        while True:
-            error = deferred = None
-            with backend.schema_transaction(options.lock_wait) as applied:
-                if not options.allow_drift and (problems := drift(applied, migrations)):
-                    result.error = f"drift in {result.schema}: {'; '.join(problems)}"
-                    result.error += " (fix the files, or pass --allow-drift)"
-                    return result
-                todo = pending(migrations, applied)
-                if not todo:
-                    break
-                if batch is None:
-                    batch = max((row.batch for row in applied), default=0) + 1
-                backend.batch = batch
-                for migration in todo:
-                    if not migration.use_transactions:
-                        deferred = migration  # runs after this transaction commits
-                        break
-                    if error := _step(backend, migration, result, backend.apply_in_transaction):
-                        break
-                if not error and not deferred and result.migrations:
-                    for hook in migrations.post_apply:
-                        backend.apply_in_transaction(hook, mark=False)
-            if deferred and not error:
-                error = _step(backend, deferred, result, backend.apply_one)
-            if error:
-                if not _retry(error, result, options):
-                    return _failed(backend, result, error)
-            elif deferred is None:
-                break
-    except LockBusy as exc:
-        result.skipped, result.error = True, str(exc)
-    finally:
-        result.duration = time.perf_counter() - started
-    return result
+
+    def choose(applied: list[AppliedMigration]) -> list[Migration]:
+        nonlocal batch
+        if not options.allow_drift and (problems := drift(applied, migrations)):
+            result.error = f"drift in {result.schema}: {'; '.join(problems)}"
+            result.error += " (fix the files, or pass --allow-drift)"
+            return []
+        if batch is None:  # one batch for the whole run, even when it takes several transactions
+            batch = max((row.batch for row in applied), default=0) + 1
+        backend.batch = batch
+        return pending(migrations, applied)
+
+    def after() -> None:
+        for hook in migrations.post_apply:
+            backend.apply_in_transaction(hook, mark=False)
+
+    return _migrate(
+        backend, result, options, choose, backend.apply_in_transaction, backend.apply_one, after
+    )
 
 
 def rollback_schema(
@@ -187,33 +170,49 @@ def rollback_schema(
     options: RunOptions = RunOptions(),
 ) -> SchemaResult:
     """Roll back the `target` migrations of `result.schema`, newest first, as apply_schema does."""
-    started = time.perf_counter()
     by_hash = {m.hash: m for m in migrations}
     chosen = None
+
+    def choose(applied: list[AppliedMigration]) -> list[Migration]:
+        nonlocal chosen
+        if chosen is None:  # the target is chosen once, by the first transaction
+            rows = target.select(applied)
+            if missing := [r.migration_id for r in rows if r.migration_hash not in by_hash]:
+                raise MigrationsMissing(
+                    f"cannot roll back {', '.join(missing)} in {result.schema}: no such file"
+                )
+            chosen = [row.migration_hash for row in rows]
+        still_applied = {row.migration_hash for row in applied}
+        return [by_hash[h] for h in chosen if h in still_applied]
+
+    return _migrate(
+        backend, result, options, choose, backend.rollback_in_transaction, backend.rollback_one
+    )
+
+
+def _migrate(backend, result, options, choose, in_transaction, alone, after=None) -> SchemaResult:
+    """The loop both directions share: under the schema's lock, `choose` what to do from the
+    applied migrations, do it with `in_transaction` one savepoint each, and leave any
+    non-transactional migration to `alone`, after the transaction commits; then go round again
+    for what remains, or to retry a migration that hit the lock timeout."""
+    started = time.perf_counter()
     try:
         while True:
             error = deferred = None
             with backend.schema_transaction(options.lock_wait) as applied:
-                if chosen is None:  # the target is chosen once, by the first transaction
-                    rows = target.select(applied)
-                    if missing := [r.migration_id for r in rows if r.migration_hash not in by_hash]:
-                        raise MigrationsMissing(
-                            f"cannot roll back {', '.join(missing)} in {result.schema}: "
-                            "no such file"
-                        )
-                    chosen = [row.migration_hash for row in rows]
-                still_applied = {row.migration_hash for row in applied}
-                todo = [by_hash[h] for h in chosen if h in still_applied]
+                todo = choose(applied)
                 if not todo:
                     break
                 for migration in todo:
                     if not migration.use_transactions:
-                        deferred = migration  # runs after this transaction commits
+                        deferred = migration
                         break
-                    if error := _step(backend, migration, result, backend.rollback_in_transaction):
+                    if error := _step(backend, migration, result, in_transaction):
                         break
+                if not error and not deferred and after and result.migrations:
+                    after()
             if deferred and not error:
-                error = _step(backend, deferred, result, backend.rollback_one)
+                error = _step(backend, deferred, result, alone)
             if error:
                 if not _retry(error, result, options):
                     return _failed(backend, result, error)
