@@ -74,9 +74,10 @@ def migrate_master(settings: Settings, dry_run: bool = False, **options: Any) ->
     `options` are RunOptions fields: lock_wait, lock_timeout, statement_timeout, retries, ...
     """
     migrations = load_migrations(settings.master_dir)
-    run = partial(apply_schema, migrations=migrations, options=run_options(settings, **options))
+    opts = run_options(settings, **options)
+    run = partial(apply_schema, migrations=migrations, options=opts)
     plan = partial(plan_apply, migrations=migrations)
-    return _run_public(settings, run, plan if dry_run else None, "apply", options)
+    return _run_public(settings, run, plan if dry_run else None, "apply", opts)
 
 
 def rollback_master(
@@ -92,10 +93,10 @@ def rollback_master(
     opts = run_options(settings, **options)
     run = partial(rollback_schema, migrations=migrations, target=target, options=opts)
     plan = partial(plan_rollback, migrations=migrations, target=target)
-    return _run_public(settings, run, plan if dry_run else None, "rollback", options)
+    return _run_public(settings, run, plan if dry_run else None, "rollback", opts)
 
 
-def _run_public(settings: Settings, action, plan, direction: str, options) -> RunResult:
+def _run_public(settings: Settings, action, plan, direction: str, options: RunOptions):
     params = server_params(settings)
     if plan:
         return _dry_run(params, [Tenant(None, PUBLIC)], plan, direction)
@@ -105,7 +106,7 @@ def _run_public(settings: Settings, action, plan, direction: str, options) -> Ru
         lambda backend, result: action(backend, result=result),
         direction=direction,
         jobs=1,
-        options=run_options(settings, **options),
+        options=options,
     )
 
 
