@@ -60,8 +60,20 @@ def run_summary(console: Console, run: RunResult, what: str) -> None:
 def _failures(console: Console, run: RunResult) -> None:
     # Plain lines, not a table: ids and errors must survive narrow terminals and CI logs whole.
     for r in run.failed:
-        where = f" in {r.failed_migration}" if r.failed_migration else ""
-        console.print(f"{r.status}: {_name(r)}{where}: {r.error or 'the run stopped first'}")
+        console.print(failure(r))
+
+
+def failure(r: SchemaResult) -> str:
+    where = f" in {r.failed_migration}" if r.failed_migration else ""
+    return f"{r.status}: {_name(r)}{where}: {r.error or 'the run stopped first'}"
+
+
+def run_error(run: RunResult) -> str:
+    """The one line for stderr when a run did not do everything."""
+    if len(run.failed) == 1:
+        return f"error: {failure(run.failed[0])}"
+    stopped = " (interrupted)" if run.interrupted else ""
+    return f"error: {len(run.failed)} of {len(run.schemas)} schemas not done{stopped}"
 
 
 def run_json(run: RunResult) -> dict:

@@ -97,7 +97,7 @@ def _finish(run, what: str, json_file: str | None) -> None:
     if json_file:
         report.write_json(json_file, report.run_json(run))
     if not run.ok:
-        raise Exit(code=1)
+        raise Exit(report.run_error(run), code=1)
 
 
 def _help(*names: str) -> dict[str, str]:
