@@ -72,3 +72,28 @@ def _columns(params, schema):
             (schema,),
         )
         return {row[0] for row in cursor.fetchall()}
+
+
+def test_the_commands_use_the_server_configured_in_dotenv(tmp_path, database):
+    shutil.copy(REPO / "tasks.py", tmp_path)
+    shutil.copytree(REPO / "migrations", tmp_path / "migrations")
+    (tmp_path / ".env").write_text(
+        f"DB_HOST={database['host']}\nDB_PORT={database['port']}\n"
+        f"DB_USER={database['user']}\nDB_NAME={database['dbname']}\nDB_SSL=false\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "DATABASE_URL"}
+    org = "org_dotenv1"
+    for step in [
+        ("migrate-master",),
+        ("provision-tenant", org),
+        ("migrate-tenants",),
+        ("status",),
+        ("rollback-tenants",),
+    ]:
+        done = invoke(tmp_path, *step, env=env)
+        assert done.returncode == 0, (step, done.stderr)
+    schema = schema_for(org)
+    assert {"tenants", "focus_areas", "coaching_categories"} <= tables(database, "public")
+    assert applied_ids(database, schema) == []  # provisioned, then its only batch rolled back
+    assert "org_users" not in tables(database, schema)
+    assert not (tmp_path / ".yoyo-tenants").exists()  # nothing embedded was started
