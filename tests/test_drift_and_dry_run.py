@@ -127,3 +127,14 @@ def test_dry_runs_change_nothing_and_show_the_sql(project, database):
     run = rollback_master(project, dry_run=True, steps=1)
     assert run.schemas[0].migrations == ["20250101000300_create_coaching_categories"]
     assert catalog(database) == before
+
+
+def test_dry_run_reports_drift_that_a_real_run_would_refuse(project, database, tenants):
+    edited = project.tenant_dir / "20250101000000_create_org_users.sql"
+    edited.write_text(edited.read_text() + "-- edited\n")
+    write_migration(project.tenant_dir, "20300101000000_add_x", "CREATE TABLE x (i int);", "")
+    run = migrate_tenants(project, dry_run=True)
+    assert all("drift" in r.error and "would be refused" in r.error for r in run.schemas)
+    assert all(r.migrations == [] for r in run.schemas)
+    run = migrate_tenants(project, dry_run=True, allow_drift=True)
+    assert all(r.migrations == ["20300101000000_add_x"] for r in run.schemas)

@@ -21,7 +21,7 @@ from . import registry, scaffold
 from .backend import migration_checksum
 from .db import connect, server_params
 from .errors import NotReady, UsageError
-from .plan import migration_sql
+from .plan import drift, migration_sql
 from .registry import Tenant
 from .runner import (
     RollbackTarget,
@@ -76,7 +76,7 @@ def migrate_master(settings: Settings, dry_run: bool = False, **options: Any) ->
     migrations = load_migrations(settings.master_dir)
     opts = run_options(settings, **options)
     run = partial(apply_schema, migrations=migrations, options=opts)
-    plan = partial(plan_apply, migrations=migrations)
+    plan = partial(plan_apply, migrations=migrations, allow_drift=opts.allow_drift)
     return _run_public(settings, run, plan if dry_run else None, "apply", opts)
 
 
@@ -139,7 +139,9 @@ def migrate_tenants(
         tenant,
         needs_work,
         partial(apply_schema, migrations=migrations, options=opts),
-        partial(plan_apply, migrations=migrations) if dry_run else None,
+        partial(plan_apply, migrations=migrations, allow_drift=opts.allow_drift)
+        if dry_run
+        else None,
         RunResult("apply", jobs=jobs),
         fail_fast,
         opts,
@@ -221,7 +223,12 @@ def _run_tenants(settings, org_id, needs_work, action, plan, run, fail_fast, opt
 # -- dry runs ------------------------------------------------------------------------------------
 
 
-def plan_apply(state: SchemaState, result: SchemaResult, migrations: MigrationList) -> None:
+def plan_apply(
+    state: SchemaState, result: SchemaResult, migrations: MigrationList, allow_drift: bool = False
+) -> None:
+    if not allow_drift and (problems := drift(state.applied, migrations)):
+        result.error = f"drift in {result.schema}: {'; '.join(problems)} (would be refused)"
+        return
     for migration in migrations:
         if migration.hash not in state.applied_hashes:
             result.migrations.append(migration.id)
