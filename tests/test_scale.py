@@ -254,7 +254,7 @@ def test_invoke_exits_1_when_one_tenant_fails_and_a_rerun_after_the_fix_complete
     done = scale.invoke("--jobs", "2")
 
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "tenants: 3 applied, 0 up to date, 1 failed in" in done.stdout
+    assert "tenants: 3 migrated, 0 up to date, 1 failed in" in done.stdout
     assert bad.org_id in done.stdout and m2 in done.stdout and "already exists" in done.stdout
     assert applied_ids(scale.params, bad.schema) == [m1]
 
@@ -262,7 +262,7 @@ def test_invoke_exits_1_when_one_tenant_fails_and_a_rerun_after_the_fix_complete
     done = scale.invoke("--jobs", "2")
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "tenants: 1 applied, 3 up to date, 0 failed in" in done.stdout
+    assert "tenants: 1 migrated, 3 up to date, 0 failed in" in done.stdout
     applied = scale.assert_at_boundaries([t.schema for t in tenants])
     assert all(ids[-1] == m2 and len(ids) == 2 for ids in applied.values())
 
@@ -421,7 +421,7 @@ def test_a_signal_mid_run_finishes_running_tenants_reports_and_leaves_later_ones
         assert scale.apply_log(schema) == {m1: 1}
     not_started = len(schemas) - len(done)
     assert (
-        f"tenants: {len(done)} applied, 0 up to date, 0 failed, {not_started} not started in"
+        f"tenants: {len(done)} migrated, 0 up to date, 0 failed, {not_started} not started in"
         in stdout
     )
     assert "interrupted: no new schema was started after the signal" in stdout
@@ -430,7 +430,7 @@ def test_a_signal_mid_run_finishes_running_tenants_reports_and_leaves_later_ones
     rerun = scale.invoke("--jobs", "2")
 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"tenants: {not_started} applied, {len(done)} up to date, 0 failed in" in rerun.stdout
+    assert f"tenants: {not_started} migrated, {len(done)} up to date, 0 failed in" in rerun.stdout
     assert all(a == ids for a in scale.assert_at_boundaries(schemas).values())
 
 
@@ -570,11 +570,11 @@ def test_plain_output_when_stdout_is_not_a_terminal_has_per_tenant_lines_and_the
         assert f"{tenant.org_id} ({tenant.schema}): applied 2: {', '.join(ids)}" in lines
     summary = [line for line in lines if line.startswith("tenants: ")]
     assert len(summary) == 1
-    assert summary[0].startswith("tenants: 3 applied, 0 up to date, 0 failed in ")
+    assert summary[0].startswith("tenants: 3 migrated, 0 up to date, 0 failed in ")
 
     again = scale.invoke("--jobs", "2")
     assert again.returncode == 0
-    assert "tenants: 0 applied, 3 up to date, 0 failed in " in again.stdout
+    assert "tenants: 0 migrated, 3 up to date, 0 failed in " in again.stdout
 
 
 def test_plain_progress_prints_a_count_line_per_interval_then_the_summary(scale, monkeypatch):
@@ -590,7 +590,7 @@ def test_plain_progress_prints_a_count_line_per_interval_then_the_summary(scale,
 
     lines = console.file.getvalue().splitlines()
     assert lines[:5] == [f"tenants: {n} schemas done" for n in range(1, 6)]
-    assert lines[-1].startswith("tenants: 5 applied, 0 up to date, 0 failed in ")
+    assert lines[-1].startswith("tenants: 5 migrated, 0 up to date, 0 failed in ")
     assert "\x1b[" not in console.file.getvalue()
 
 

@@ -41,10 +41,10 @@ def run_summary(console: Console, run: RunResult, what: str) -> None:
             console.print(
                 f"{name}: {verb} {len(result.migrations)}: {', '.join(result.migrations)}"
             )
-    done = run.count("done")
+    applying = run.direction == "apply"
     parts = [
-        f"{done} {verb}",
-        f"{run.count('up to date')} {'up to date' if run.direction == 'apply' else 'unchanged'}",
+        f"{run.count('done')} {'migrated' if applying else 'rolled back'}",
+        f"{run.count('up to date')} {'up to date' if applying else 'unchanged'}",
         f"{run.count('failed')} failed",
     ]
     if run.count("skipped"):
