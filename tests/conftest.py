@@ -17,6 +17,20 @@ from yoyo_tenants.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
+TENANT_TABLES = {"org_users", "org_settings", "chat_messages"}
+YOYO_TABLES = {"_yoyo_migration", "_yoyo_log", "_yoyo_version"}
+TENANT_IDS = [
+    "20250101000000_create_org_users",
+    "20250101000100_create_org_settings",
+    "20250101000200_create_chat_messages",
+]
+MASTER_IDS = [
+    "20250101000000_create_vector_extension",
+    "20250101000100_create_tenants",
+    "20250101000200_create_focus_areas",
+    "20250101000300_create_coaching_categories",
+]
+
 
 @pytest.fixture(scope="session")
 def server():

@@ -16,14 +16,9 @@ from psycopg2 import sql
 
 from yoyo_tenants import migrate_master, provision_tenant, schema_for
 
-from .conftest import REPO, Admin, applied_ids, query, tables, write_migration
+from .conftest import REPO, TENANT_IDS, Admin, applied_ids, query, tables, write_migration
 
 ORG = "org_2abc123def456"
-TENANT_IDS = [
-    "20250101000000_create_org_users",
-    "20250101000100_create_org_settings",
-    "20250101000200_create_chat_messages",
-]
 
 
 def invoke(cwd, *args, env):

@@ -19,7 +19,7 @@ from yoyo_tenants import schema_for
 from yoyo_tenants.settings import Settings
 
 from . import servers
-from .conftest import REPO, Admin, applied_ids, query, write_migration
+from .conftest import REPO, YOYO_TABLES, Admin, applied_ids, query, write_migration
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbouncer") is None,
@@ -30,7 +30,6 @@ POOL_SIZE = 2
 DEFAULT_SEARCH_PATH = '"$user", public'
 ORGS = [f"org_bouncer{n}x" for n in range(6)]
 NEW_MIGRATION = "20990101000000_add_org_notes"
-YOYO_TABLES = {"_yoyo_migration", "_yoyo_log", "_yoyo_version"}
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,20 @@ from psycopg2 import sql
 from yoyo_tenants import migrate_master, provision_tenant, schema_for
 from yoyo_tenants.errors import MigrationFailed, NotReady, SchemaCollision, UsageError
 
-from .conftest import Admin, applied_ids, columns, query, tables, write_migration
+from .conftest import (
+    MASTER_IDS,
+    TENANT_IDS,
+    TENANT_TABLES,
+    YOYO_TABLES,
+    Admin,
+    applied_ids,
+    columns,
+    query,
+    tables,
+    write_migration,
+)
 
 ORG = "org_2abc123def456"
-TENANT_TABLES = {"org_users", "org_settings", "chat_messages"}
-YOYO_TABLES = {"_yoyo_migration", "_yoyo_log", "_yoyo_version"}
-TENANT_IDS = [
-    "20250101000000_create_org_users",
-    "20250101000100_create_org_settings",
-    "20250101000200_create_chat_messages",
-]
-MASTER_IDS = [
-    "20250101000000_create_vector_extension",
-    "20250101000100_create_tenants",
-    "20250101000200_create_focus_areas",
-    "20250101000300_create_coaching_categories",
-]
 
 
 def registry(db) -> list[tuple[str, str, str]]:

@@ -15,21 +15,10 @@ from yoyo_tenants import (
 )
 from yoyo_tenants.errors import UnknownTenant, UsageError
 
-from .conftest import applied_ids, columns, query, tables, write_migration
+from .conftest import MASTER_IDS, TENANT_IDS, applied_ids, columns, query, tables, write_migration
 
 ORG_A = "org_alpha1"
 ORG_B = "org_bravo2"
-TENANT_IDS = [
-    "20250101000000_create_org_users",
-    "20250101000100_create_org_settings",
-    "20250101000200_create_chat_messages",
-]
-MASTER_IDS = [
-    "20250101000000_create_vector_extension",
-    "20250101000100_create_tenants",
-    "20250101000200_create_focus_areas",
-    "20250101000300_create_coaching_categories",
-]
 NICKNAME = "20250201000000_add_nickname"
 NOTES = "20250201000100_create_org_notes"
 PRONOUNS = "20250301000000_add_pronouns"

@@ -26,9 +26,8 @@ from rich.console import Console
 from yoyo_tenants import TenantsError, commands, registry, report, runner, schema_for
 from yoyo_tenants.registry import Tenant
 
-from .conftest import REPO, Admin, applied_ids, tables, write_migration
+from .conftest import REPO, YOYO_TABLES, Admin, applied_ids, tables, write_migration
 
-YOYO_TABLES = {"_yoyo_migration", "_yoyo_log", "_yoyo_version"}
 #: Prepended to a migration that must be slow, so a test can act while a run is midway.
 SLEEP = "SELECT pg_sleep({});\n"
 

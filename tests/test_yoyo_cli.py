@@ -12,16 +12,9 @@ from psycopg2 import sql
 
 from yoyo_tenants import migrate_master
 
-from .conftest import Admin, applied_ids, query, tables
+from .conftest import TENANT_IDS, TENANT_TABLES, YOYO_TABLES, Admin, applied_ids, query, tables
 
 SCHEMA = "tid_0123456789"
-TENANT_TABLES = {"org_users", "org_settings", "chat_messages"}
-YOYO_TABLES = {"_yoyo_migration", "_yoyo_log", "_yoyo_version"}
-TENANT_IDS = [
-    "20250101000000_create_org_users",
-    "20250101000100_create_org_settings",
-    "20250101000200_create_chat_messages",
-]
 
 
 def uri(db, schema: str) -> str:
