@@ -18,7 +18,7 @@ from yoyo import exceptions as yoyo_exceptions
 from yoyo.migrations import MigrationList, read_migrations
 
 from . import registry, scaffold
-from .backend import migration_checksum
+from .backend import migration_checksum, sql_statements
 from .db import connect, server_params
 from .errors import NotReady, UsageError
 from .plan import drift, migration_sql
@@ -53,7 +53,10 @@ def load_migrations(directory: Path) -> MigrationList:
             migration.load()
         except yoyo_exceptions.BadMigration as exc:
             raise NotReady(f"cannot load migration {migration.path}: {exc.args[-1]}") from None
-        migration_checksum(migration)  # now, before worker threads share the migrations
+        # Read now, before worker threads share the migrations.
+        migration_checksum(migration)
+        if migration.is_raw_sql():
+            sql_statements(migration)
     return migrations
 
 
@@ -138,7 +141,9 @@ def migrate_tenants(
         settings,
         tenant,
         needs_work,
-        partial(apply_schema, migrations=migrations, options=opts),
+        lambda backend, result, state: apply_schema(
+            backend, migrations, result, opts, known=state.applied
+        ),
         partial(plan_apply, migrations=migrations, allow_drift=opts.allow_drift)
         if dry_run
         else None,
@@ -168,7 +173,7 @@ def rollback_tenants(
         settings,
         tenant,
         lambda state: bool(state.applied),
-        partial(rollback_schema, migrations=migrations, target=target, options=opts),
+        lambda backend, result, state: rollback_schema(backend, migrations, result, target, opts),
         partial(plan_rollback, migrations=migrations, target=target) if dry_run else None,
         RunResult("rollback", jobs=jobs),
         fail_fast,
@@ -205,7 +210,7 @@ def _run_tenants(settings, org_id, needs_work, action, plan, run, fail_fast, opt
         done = run_schemas(
             params,
             work,
-            lambda backend, result: action(backend, result=result),
+            lambda backend, result: action(backend, result, states[result.schema]),
             direction=run.direction,
             jobs=run.jobs,
             fail_fast=fail_fast,

@@ -8,17 +8,16 @@ from pathlib import Path
 
 from yoyo.migrations import Migration, MigrationList, read_sql_migration
 
-from .backend import AppliedMigration, migration_checksum
+from .backend import AppliedMigration, migration_checksum, sql_statements
 
 
 def migration_sql(migration: Migration, direction: str) -> list[str]:
     """The statements a migration runs in `direction` ("apply" or "rollback")."""
     if not migration.path.endswith(".sql"):
         return [f"-- Python migration {Path(migration.path).name}: runs its steps' code"]
-    path = migration.path
-    if direction == "rollback":
-        path = str(Path(path).with_suffix(".rollback.sql"))
-    return read_sql_migration(path)[2]
+    if direction == "apply":
+        return sql_statements(migration)
+    return read_sql_migration(str(Path(migration.path).with_suffix(".rollback.sql")))[2]
 
 
 def drift(applied: Sequence[AppliedMigration], migrations: MigrationList) -> list[str]:

@@ -135,13 +135,20 @@ def apply_schema(
     migrations: MigrationList,
     result: SchemaResult,
     options: RunOptions = RunOptions(),
+    known: Sequence[AppliedMigration] | None = None,
 ) -> SchemaResult:
     """Apply the migrations pending in `result.schema`: a transaction, a savepoint per migration.
 
     A migration that fails rolls back to its savepoint and the ones before it commit. One that
     timed out waiting for a table lock is retried after a pause, outside any transaction, so the
     app's queries are never queued behind it for long.
+
+    `known` is what a scan read from the schema's migration table a moment ago: if the pending
+    migrations are plain SQL, they are first tried in a single message, guarded by a check that
+    the table still says the same (see TenantBackend.apply_in_one_message).
     """
+    if known is not None and _one_message(backend, migrations, result, options, known):
+        return result
     batch = None
 
     def choose(applied: list[AppliedMigration]) -> list[Migration]:
@@ -162,6 +169,26 @@ def apply_schema(
     return _migrate(
         backend, result, options, choose, backend.apply_in_transaction, backend.apply_one, after
     )
+
+
+def _one_message(backend, migrations, result, options, known) -> bool:
+    """The common case in one round trip; False (with nothing changed) to take the long way."""
+    todo = pending(migrations, known)
+    eligible = (
+        todo
+        and not migrations.post_apply
+        and all(m.use_transactions and m.path.endswith(".sql") for m in todo)
+        and (options.allow_drift or not drift(known, migrations))
+    )
+    if not eligible:
+        return False
+    started = time.perf_counter()
+    batch = max((row.batch for row in known), default=0) + 1
+    if not backend.apply_in_one_message(todo, known, batch, options.lock_wait):
+        return False
+    result.migrations = [m.id for m in todo]
+    result.duration = time.perf_counter() - started
+    return True
 
 
 def rollback_schema(

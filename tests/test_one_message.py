@@ -1,0 +1,81 @@
+"""The one-message path for up-to-date tenants: it must never act on a stale view."""
+
+import pytest
+
+from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant
+from yoyo_tenants.commands import load_migrations
+from yoyo_tenants.db import open_backend
+from yoyo_tenants.runner import SchemaResult, apply_schema, scan
+
+from .conftest import Admin, applied_ids, columns, query, write_migration
+
+ADD = "20300101000000_add_nickname"
+
+
+@pytest.fixture
+def tenant(project):
+    migrate_master(project)
+    tenant = provision_tenant(project, "org_fast1").tenant
+    write_migration(
+        project.tenant_dir,
+        ADD,
+        "ALTER TABLE org_users ADD COLUMN nickname TEXT;",
+        "ALTER TABLE org_users DROP COLUMN nickname;",
+    )
+    return tenant
+
+
+def apply_with(project, database, schema, known):
+    backend = open_backend(database)
+    try:
+        backend.use_schema(schema, tables_ready=True)
+        return apply_schema(backend, load_migrations(project.tenant_dir), SchemaResult(schema),
+                            known=known)  # fmt: skip
+    finally:
+        backend.connection.close()
+
+
+def known_applied(database, schema):
+    with Admin(database) as admin:
+        return scan(admin.connection.cursor(), [schema])[schema].applied
+
+
+def test_up_to_date_tenant_gets_its_migration_and_log_rows_in_one_go(project, database, tenant):
+    result = apply_with(project, database, tenant.schema, known_applied(database, tenant.schema))
+    assert result.migrations == [ADD] and result.error is None
+    assert applied_ids(database, tenant.schema)[-1] == ADD
+    assert "nickname" in columns(database, tenant.schema, "org_users")
+    logged = query(database, f"SELECT operation FROM {tenant.schema}._yoyo_log "
+                   "WHERE migration_id = %s", (ADD,))  # fmt: skip
+    assert logged == [("apply",)]
+
+
+def test_a_view_that_went_stale_is_not_acted_on(project, database, tenant):
+    stale = known_applied(database, tenant.schema)
+    migrate_tenants(project)  # another run applies ADD after our scan
+    result = apply_with(project, database, tenant.schema, stale)
+    assert result.migrations == [] and result.error is None
+    assert applied_ids(database, tenant.schema).count(ADD) == 1
+
+
+def test_an_earlier_migration_rolled_back_meanwhile_is_applied_again_first(
+    project, database, tenant
+):
+    stale = known_applied(database, tenant.schema)
+    query(database, f"DROP TABLE {tenant.schema}.chat_messages")  # as its rollback would
+    query(database, f"DELETE FROM {tenant.schema}._yoyo_migration "
+          "WHERE migration_id = '20250101000200_create_chat_messages'")  # fmt: skip
+    result = apply_with(project, database, tenant.schema, stale)
+    assert result.migrations == ["20250101000200_create_chat_messages", ADD], result
+    assert "embedding" in columns(database, tenant.schema, "chat_messages")
+    assert applied_ids(database, tenant.schema)[-2:] == ["20250101000200_create_chat_messages", ADD]
+
+
+def test_a_failing_migration_is_still_named_after_the_one_message_attempt(
+    project, database, tenant
+):
+    write_migration(project.tenant_dir, "20300101000100_broken", "ALTER TABLE nope ADD x int;", "")
+    result = apply_with(project, database, tenant.schema, known_applied(database, tenant.schema))
+    assert result.migrations == [ADD]
+    assert result.failed_migration == "20300101000100_broken"
+    assert applied_ids(database, tenant.schema)[-1] == ADD
