@@ -141,3 +141,13 @@ def test_hostile_settings_against_the_real_server_fail_cleanly(server, value):
         connect(params).close()
     except TenantsError as exc:
         assert "s3cret-Pa55" not in str(exc) and "\n" not in str(exc)
+
+
+def test_a_name_the_server_cuts_mid_character_fails_cleanly(server):
+    value = "0" * 18 + "\x80" * 9 + "\U00010000" * 7  # found by hypothesis
+    env = {"DB_HOST": server["host"], "DB_PORT": server["port"], "DB_USER": value}
+    from yoyo_tenants.db import connect
+
+    with pytest.raises(TenantsError) as refused:
+        connect(connection_params(env))
+    assert "\n" not in str(refused.value)

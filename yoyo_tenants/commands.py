@@ -141,8 +141,10 @@ def migrate_tenants(
         settings,
         tenant,
         needs_work,
+        # A tenant's first migrations go statement by statement: measured, a long message of
+        # DDL is slower than its statements one by one; one message pays off for a few.
         lambda backend, result, state: apply_schema(
-            backend, migrations, result, opts, known=state.applied
+            backend, migrations, result, opts, known=state.applied if state.tables_ready else None
         ),
         partial(plan_apply, migrations=migrations, allow_drift=opts.allow_drift)
         if dry_run

@@ -36,7 +36,7 @@ def connect(params: Mapping[str, str]):
     """An autocommit psycopg2 connection, or ConnectionFailed with libpq's reason."""
     try:
         connection = psycopg2.connect(**params)
-    except psycopg2.OperationalError as exc:
+    except (psycopg2.OperationalError, UnicodeDecodeError) as exc:
         raise connection_failed(params, exc) from None
     connection.autocommit = True
     return connection
@@ -49,12 +49,16 @@ def open_backend(params: Mapping[str, str], schema: str = "public") -> TenantBac
     uri = DatabaseURI(SCHEME, None, None, None, None, params.get("dbname"), args)
     try:
         return TenantBackend(uri)
-    except psycopg2.OperationalError as exc:
+    except (psycopg2.OperationalError, UnicodeDecodeError) as exc:
         raise connection_failed(params, exc) from None
 
 
 def connection_failed(params: Mapping[str, str], exc: Exception) -> ConnectionFailed:
-    reason = " ".join(str(exc).split()).removeprefix("FATAL: ")
+    if isinstance(exc, UnicodeDecodeError):
+        # libpq's message quoted a name the server cut mid-character (63 bytes).
+        reason = "the server refused it, in a message that is not valid UTF-8"
+    else:
+        reason = " ".join(str(exc).split()).removeprefix("FATAL: ")
     password = params.get("password")
     if password:  # libpq never echoes it, but a user-supplied URL in a message might
         reason = reason.replace(password, "***")
