@@ -508,7 +508,7 @@ class Bench:
 
         def tool() -> None:
             done = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True)
-            if done.returncode != 0 or f"0 applied, {self.n} up to date" not in done.stdout:
+            if done.returncode != 0 or f"0 migrated, {self.n} up to date" not in done.stdout:
                 raise SystemExit(f"invoke migrate-tenants: {done.stdout}{done.stderr}")
 
         def lower_bound() -> None:
