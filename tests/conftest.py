@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
@@ -47,15 +48,24 @@ def server():
     shutil.rmtree(home, ignore_errors=True)
 
 
+@contextmanager
+def new_database(params, prefix: str = "test"):
+    """Create an empty database on the server of `params`; yield its name; drop it after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with Admin(params) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with Admin(params) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture
 def database(server):
     """libpq parameters of a new, empty database on the test server."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with Admin(server) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield {**server, "dbname": name}
-    with Admin(server) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with new_database(server) as name:
+        yield {**server, "dbname": name}
 
 
 @pytest.fixture

@@ -14,6 +14,12 @@ from yoyo_tenants.settings import Settings
 from .conftest import Admin, applied_ids, columns, query, write_migration
 
 ORGS = ["org_locked1", "org_free1"]
+INDEX_NAMES = (  # a non-transactional migration: id, apply, rollback
+    "20300101000000_index_names",
+    "-- transactional: false\n"
+    "CREATE INDEX CONCURRENTLY org_users_name_idx ON org_users (full_name);\n",
+    "-- transactional: false\nDROP INDEX CONCURRENTLY org_users_name_idx;\n",
+)
 
 
 @pytest.fixture
@@ -91,10 +97,7 @@ def test_timeouts_come_from_the_environment(tmp_path):
 def test_non_transactional_tenant_migration_builds_index_concurrently(project, database, tenants):
     write_migration(
         project.tenant_dir,
-        "20300101000000_index_names",
-        "-- transactional: false\nCREATE INDEX CONCURRENTLY org_users_name_idx "
-        "ON org_users (full_name);\n",
-        "-- transactional: false\nDROP INDEX CONCURRENTLY org_users_name_idx;\n",
+        *INDEX_NAMES,
     )
     write_migration(
         project.tenant_dir,
@@ -148,10 +151,7 @@ def test_provisioning_applies_non_transactional_migrations_after_its_transaction
     migrate_master(project)
     write_migration(
         project.tenant_dir,
-        "20300101000000_index_names",
-        "-- transactional: false\nCREATE INDEX CONCURRENTLY org_users_name_idx "
-        "ON org_users (full_name);\n",
-        "-- transactional: false\nDROP INDEX CONCURRENTLY org_users_name_idx;\n",
+        *INDEX_NAMES,
     )
     done = provision_tenant(project, "org_nontx1")
     assert done.migrations[-1] == "20300101000000_index_names"

@@ -8,7 +8,6 @@ import json
 import shutil
 import threading
 import time
-import uuid
 
 import psycopg2
 import pytest
@@ -19,7 +18,7 @@ from yoyo_tenants import schema_for
 from yoyo_tenants.settings import Settings
 
 from . import servers
-from .conftest import REPO, YOYO_TABLES, Admin, applied_ids, query, write_migration
+from .conftest import REPO, YOYO_TABLES, applied_ids, new_database, query, write_migration
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbouncer") is None,
@@ -50,12 +49,8 @@ def bouncer(backend):
 
 @pytest.fixture
 def dbname(backend):
-    name = f"pgb_{uuid.uuid4().hex[:12]}"
-    with Admin(backend.socket_params()) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield name
-    with Admin(backend.socket_params()) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with new_database(backend.socket_params(), "pgb") as name:
+        yield name
 
 
 @pytest.fixture

@@ -23,11 +23,9 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from psycopg2 import sql
 
 import yoyo_tenants as tenants
 from yoyo_tenants import schema_for
@@ -36,7 +34,7 @@ from yoyo_tenants.errors import ConnectionFailed
 from yoyo_tenants.settings import Settings
 
 from . import servers
-from .conftest import REPO, Admin, tables
+from .conftest import REPO, new_database, tables
 
 needs_pgbouncer = pytest.mark.skipif(
     shutil.which("pgbouncer") is None,
@@ -92,12 +90,8 @@ def tls(backend, certs):
 
 @pytest.fixture
 def dbname(backend):
-    name = f"tls_{uuid.uuid4().hex[:12]}"
-    with Admin(backend.socket_params()) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield name
-    with Admin(backend.socket_params()) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with new_database(backend.socket_params(), "tls") as name:
+        yield name
 
 
 @pytest.fixture(autouse=True)

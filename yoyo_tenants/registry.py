@@ -25,7 +25,7 @@ REGISTRY_MISSING = "the tenant registry public.tenants does not exist: run invok
 
 @dataclass(frozen=True)
 class Tenant:
-    org_id: str
+    org_id: str | None  # None for public, in results that treat it like a tenant
     schema: str
     status: str = "active"
 
