@@ -33,6 +33,16 @@ MASTER_IDS = [
 ]
 
 
+def copy_migrations(dest: Path) -> Path:
+    """Copy the shipped migrations (not ones a developer has since made) to `dest`/migrations."""
+    for kind, ids in (("master", MASTER_IDS), ("tenant", TENANT_IDS)):
+        (dest / "migrations" / kind).mkdir(parents=True)
+        for migration_id in ids:
+            for path in (REPO / "migrations" / kind).glob(f"{migration_id}.*"):
+                shutil.copy(path, dest / "migrations" / kind / path.name)
+    return dest / "migrations"
+
+
 @pytest.fixture(scope="session")
 def server():
     """libpq parameters of a PostgreSQL server started for this test run (deleted after)."""
@@ -71,8 +81,7 @@ def database(server):
 @pytest.fixture
 def project(tmp_path, database) -> Settings:
     """A project folder with copies of the real migrations, pointed at a fresh database."""
-    for kind in ("master", "tenant"):
-        shutil.copytree(REPO / "migrations" / kind, tmp_path / "migrations" / kind)
+    copy_migrations(tmp_path)
     return Settings(
         root=tmp_path,
         connection=database,

@@ -16,7 +16,16 @@ from psycopg2 import sql
 
 from yoyo_tenants import migrate_master, provision_tenant, schema_for
 
-from .conftest import REPO, TENANT_IDS, Admin, applied_ids, query, tables, write_migration
+from .conftest import (
+    REPO,
+    TENANT_IDS,
+    Admin,
+    applied_ids,
+    copy_migrations,
+    query,
+    tables,
+    write_migration,
+)
 
 ORG = "org_2abc123def456"
 
@@ -72,7 +81,7 @@ def assert_one_error_line(done):
 def cli(tmp_path):
     """A project folder as a user has it: tasks.py and the migrations."""
     shutil.copy(REPO / "tasks.py", tmp_path)
-    shutil.copytree(REPO / "migrations", tmp_path / "migrations")
+    copy_migrations(tmp_path)
     return tmp_path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from yoyo_tenants.errors import UsageError
 from yoyo_tenants.scaffold import new_migration
 from yoyo_tenants.settings import Settings
 
-from .conftest import REPO
+from .conftest import copy_migrations
 
 MASTER_HEAD = "20250101000300_create_coaching_categories"
 TENANT_HEAD = "20250101000200_create_chat_messages"
@@ -25,8 +24,7 @@ ID = re.compile(r"(\d{14})_(\w+)")
 @pytest.fixture
 def files(tmp_path) -> Settings:
     """A project with copies of the real migrations; no database is needed to make migrations."""
-    for kind in ("master", "tenant"):
-        shutil.copytree(REPO / "migrations" / kind, tmp_path / "migrations" / kind)
+    copy_migrations(tmp_path)
     return Settings.load(tmp_path, environ={})
 
 

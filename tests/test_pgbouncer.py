@@ -18,7 +18,14 @@ from yoyo_tenants import schema_for
 from yoyo_tenants.settings import Settings
 
 from . import servers
-from .conftest import REPO, YOYO_TABLES, applied_ids, new_database, query, write_migration
+from .conftest import (
+    YOYO_TABLES,
+    applied_ids,
+    copy_migrations,
+    new_database,
+    query,
+    write_migration,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbouncer") is None,
@@ -56,7 +63,7 @@ def dbname(backend):
 @pytest.fixture
 def settings(tmp_path, bouncer, dbname) -> Settings:
     """A project whose DB_* variables point at PgBouncer."""
-    shutil.copytree(REPO / "migrations", tmp_path / "migrations")
+    copy_migrations(tmp_path)
     env = {
         "DB_HOST": "127.0.0.1",
         "DB_PORT": str(bouncer.port),

@@ -9,7 +9,7 @@ import psycopg2
 
 from yoyo_tenants import embedded, schema_for
 
-from .conftest import REPO, applied_ids, tables
+from .conftest import REPO, applied_ids, copy_migrations, tables
 
 
 def invoke(cwd, *args, env):
@@ -20,7 +20,7 @@ def invoke(cwd, *args, env):
 
 def test_quick_start_on_the_embedded_database(tmp_path):
     shutil.copy(REPO / "tasks.py", tmp_path)
-    shutil.copytree(REPO / "migrations", tmp_path / "migrations")
+    copy_migrations(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "DATABASE_URL"}
     org = "org_2abc123def456"
     try:
@@ -76,7 +76,7 @@ def _columns(params, schema):
 
 def test_the_commands_use_the_server_configured_in_dotenv(tmp_path, database):
     shutil.copy(REPO / "tasks.py", tmp_path)
-    shutil.copytree(REPO / "migrations", tmp_path / "migrations")
+    copy_migrations(tmp_path)
     (tmp_path / ".env").write_text(
         f"DB_HOST={database['host']}\nDB_PORT={database['port']}\n"
         f"DB_USER={database['user']}\nDB_NAME={database['dbname']}\nDB_SSL=false\n"

@@ -34,7 +34,7 @@ from yoyo_tenants.errors import ConnectionFailed
 from yoyo_tenants.settings import Settings
 
 from . import servers
-from .conftest import REPO, new_database, tables
+from .conftest import REPO, copy_migrations, new_database, tables
 
 needs_pgbouncer = pytest.mark.skipif(
     shutil.which("pgbouncer") is None,
@@ -104,7 +104,7 @@ def no_libpq_environment(monkeypatch):
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    shutil.copytree(REPO / "migrations", tmp_path / "migrations")
+    copy_migrations(tmp_path)
     shutil.copy(REPO / "tasks.py", tmp_path)
     return tmp_path
 
