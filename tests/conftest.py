@@ -19,7 +19,7 @@ from yoyo_tenants.settings import Settings
 REPO = Path(__file__).resolve().parent.parent
 
 TENANT_TABLES = {"org_users", "org_settings", "chat_messages"}
-YOYO_TABLES = {"_yoyo_migration", "_yoyo_log", "_yoyo_version"}
+YOYO_TABLES = {"_yoyo_log"}
 TENANT_IDS = [
     "20250101000000_create_org_users",
     "20250101000100_create_org_settings",
@@ -138,11 +138,16 @@ def columns(params, schema: str, table: str) -> set[str]:
 
 
 def applied_ids(params, schema: str) -> list[str]:
+    """What the schema's log says is applied, oldest first, worked out in SQL (independently of
+    the package's own reading): each migration's last apply or mark not undone since."""
     rows = query(
         params,
-        sql.SQL("SELECT migration_id FROM {} ORDER BY batch, applied_at_utc").format(
-            sql.Identifier(schema, "_yoyo_migration")
-        ),
+        sql.SQL(
+            "SELECT migration_id FROM ("
+            " SELECT DISTINCT ON (migration_id) id, migration_id, operation FROM {}"
+            " WHERE operation <> 'post-apply' ORDER BY migration_id, id DESC) latest"
+            " WHERE operation IN ('apply', 'mark') ORDER BY id"
+        ).format(sql.Identifier(schema, "_yoyo_log")),
     )
     return [row[0] for row in rows]
 

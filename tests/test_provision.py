@@ -44,7 +44,7 @@ def select(db, what: str, schema: str, table: str, rest: str = ""):
 def log_rows(db, schema: str) -> list[tuple[str, str]]:
     return query(
         db,
-        sql.SQL("SELECT migration_id, operation FROM {} ORDER BY created_at_utc, id").format(
+        sql.SQL("SELECT migration_id, operation FROM {} ORDER BY id").format(
             sql.Identifier(schema, "_yoyo_log")
         ),
     )
@@ -86,7 +86,7 @@ def test_provisioning_creates_registry_row_schema_tables_and_log_rows(ready):
     assert tenant_schemas(db) == {schema}
     assert tables(db, schema) == TENANT_TABLES | YOYO_TABLES
     assert applied_ids(db, schema) == TENANT_IDS
-    assert select(db, "DISTINCT batch", schema, "_yoyo_migration") == [(1,)]
+    assert select(db, "DISTINCT batch", schema, "_yoyo_log") == [(1,)]
     assert log_rows(db, schema) == [(m, "apply") for m in TENANT_IDS]
     embedding = query(
         db,
@@ -155,7 +155,7 @@ def test_second_provision_brings_the_schema_up_to_date(ready):
     assert "nickname" in columns(db, schema, "org_users")
     assert "nickname" not in columns(db, "public", "org_users")
     assert applied_ids(db, schema) == [*TENANT_IDS, new_id]
-    batch = select(db, "migration_id, batch", schema, "_yoyo_migration")
+    batch = select(db, "migration_id, batch", schema, "_yoyo_log")
     assert dict(batch)[new_id] > dict(batch)[TENANT_IDS[-1]]  # a batch of its own
     assert log_rows(db, schema)[-1] == (new_id, "apply")
     assert len(registry(db)) == 1

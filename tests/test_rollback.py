@@ -15,7 +15,16 @@ from yoyo_tenants import (
 )
 from yoyo_tenants.errors import UnknownTenant, UsageError
 
-from .conftest import MASTER_IDS, TENANT_IDS, applied_ids, columns, query, tables, write_migration
+from .conftest import (
+    MASTER_IDS,
+    TENANT_IDS,
+    YOYO_TABLES,
+    applied_ids,
+    columns,
+    query,
+    tables,
+    write_migration,
+)
 
 ORG_A = "org_alpha1"
 ORG_B = "org_bravo2"
@@ -28,8 +37,8 @@ SECOND_BATCH = [NICKNAME, NOTES]
 def batches(db, schema: str) -> dict[str, int]:
     rows = query(
         db,
-        sql.SQL("SELECT migration_id, batch FROM {}").format(
-            sql.Identifier(schema, "_yoyo_migration")
+        sql.SQL("SELECT migration_id, batch FROM {} WHERE operation = 'apply' ORDER BY id").format(
+            sql.Identifier(schema, "_yoyo_log")
         ),
     )
     return dict(rows)
@@ -38,7 +47,7 @@ def batches(db, schema: str) -> dict[str, int]:
 def log_rows(db, schema: str) -> list[tuple[str, str]]:
     return query(
         db,
-        sql.SQL("SELECT migration_id, operation FROM {} ORDER BY created_at_utc, id").format(
+        sql.SQL("SELECT migration_id, operation FROM {} ORDER BY id").format(
             sql.Identifier(schema, "_yoyo_log")
         ),
     )
@@ -118,7 +127,7 @@ def test_a_second_rollback_undoes_the_batch_before(two_batches):
     run = rollback_tenants(two_batches, jobs=1)
 
     assert applied_ids(db, schema) == []
-    assert tables(db, schema) == {"_yoyo_migration", "_yoyo_log", "_yoyo_version"}
+    assert tables(db, schema) == YOYO_TABLES
     assert run.schemas[0].migrations == list(reversed(TENANT_IDS))
 
 
@@ -206,7 +215,7 @@ def test_rollback_to_keeps_that_migration_and_undoes_everything_after(two_batche
     run = rollback_tenants(two_batches, to=TENANT_IDS[0], jobs=1)
 
     assert applied_ids(db, schema) == [TENANT_IDS[0]]
-    assert tables(db, schema) == {"org_users", "_yoyo_migration", "_yoyo_log", "_yoyo_version"}
+    assert tables(db, schema) == {"org_users", *YOYO_TABLES}
     assert "nickname" not in columns(db, schema, "org_users")
     assert run.schemas[0].migrations == [NOTES, NICKNAME, TENANT_IDS[2], TENANT_IDS[1]]
 
@@ -348,7 +357,7 @@ def test_rollback_master_of_everything_leaves_public_empty(project):
 
     assert run.schemas[0].migrations == list(reversed(MASTER_IDS))
     assert applied_ids(db, "public") == []
-    assert tables(db, "public") == {"_yoyo_migration", "_yoyo_log", "_yoyo_version"}
+    assert tables(db, "public") == YOYO_TABLES
     assert query(db, "SELECT extname FROM pg_extension WHERE extname = 'vector'") == []
 
 

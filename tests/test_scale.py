@@ -78,16 +78,7 @@ class Scale:
                         (schema,),
                     )
                 }
-                applied = []
-                if "_yoyo_migration" in names:
-                    applied = [
-                        row[0]
-                        for row in admin.execute(
-                            sql.SQL(
-                                "SELECT migration_id FROM {} ORDER BY batch, applied_at_utc"
-                            ).format(sql.Identifier(schema, "_yoyo_migration"))
-                        )
-                    ]
+                applied = applied_ids(self.params, schema) if names >= YOYO_TABLES else []
                 found[schema] = (applied, names - YOYO_TABLES)
         return found
 

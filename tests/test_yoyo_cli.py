@@ -37,7 +37,7 @@ def yoyo(cwd, *args):
 def log_rows(db, schema: str) -> list[tuple[str, str]]:
     return query(
         db,
-        sql.SQL("SELECT migration_id, operation FROM {} ORDER BY created_at_utc, id").format(
+        sql.SQL("SELECT migration_id, operation FROM {} ORDER BY id").format(
             sql.Identifier(schema, "_yoyo_log")
         ),
     )

@@ -12,9 +12,9 @@ It closes the traps yoyo's PostgreSQL backend has when one migration set serves 
   to ``public``;
 * ``search_path`` is set inside each transaction (``set_config(..., true)``), never on the session,
   so nothing leaks through a transaction-pooling PgBouncer;
-* yoyo's log, migration and version tables live in the schema and are always named with it;
-* a migration, its log row and its mark commit together, on one connection, under a
-  transaction-level advisory lock on the schema, which the server releases if the client dies;
+* the schema's migration log is one table in the schema, always named with it (see log.py);
+* a migration and its log row commit together, on one connection, under a transaction-level
+  advisory lock on the schema, which the server releases if the client dies;
 * each applied migration records its batch (for "roll back the last run") and a checksum of its
   files (to notice a migration edited after it was applied).
 """
@@ -22,16 +22,12 @@ It closes the traps yoyo's PostgreSQL backend has when one migration set serves 
 from __future__ import annotations
 
 import getpass
-import hashlib
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
-from pathlib import Path
 from weakref import WeakKeyDictionary
 
 from psycopg2 import sql
@@ -39,21 +35,12 @@ from yoyo import exceptions
 from yoyo.backends.core.postgresql import PostgresqlBackend
 from yoyo.migrations import Migration, default_migration_table, read_sql_migration
 
+from . import log
 from .deferred import DeferringConnection
 from .errors import LockBusy, NotReady
+from .log import AppliedMigration, Log, migration_checksum
 
 MAX_IDENTIFIER_BYTES = 63
-
-
-@dataclass(frozen=True)
-class AppliedMigration:
-    """One row of a schema's migration table."""
-
-    migration_hash: str
-    migration_id: str
-    applied_at: datetime
-    batch: int
-    checksum: str | None
 
 
 def check_schema_name(name: str) -> str:
@@ -61,26 +48,6 @@ def check_schema_name(name: str) -> str:
     if not name or "\x00" in name or len(name.encode()) > MAX_IDENTIFIER_BYTES:
         raise NotReady(f"invalid schema name {name!r}")
     return name
-
-
-_checksums: WeakKeyDictionary[Migration, str] = WeakKeyDictionary()
-
-
-def migration_checksum(migration: Migration) -> str:
-    """sha256 of a migration's file and, for SQL, its .rollback.sql twin, as first read.
-
-    Kept per Migration object, so a run records the content it loaded even if the file changes
-    while it runs, and a fresh read_migrations() sees an edited file.
-    """
-    checksum = _checksums.get(migration)
-    if checksum is None:
-        path = Path(migration.path)
-        digest = hashlib.sha256(path.read_bytes())
-        rollback = path.with_suffix(".rollback.sql")
-        if path.suffix == ".sql" and rollback.exists():
-            digest.update(b"\0rollback\0" + rollback.read_bytes())
-        checksum = _checksums[migration] = digest.hexdigest()
-    return checksum
 
 
 class _Quoter:
@@ -136,32 +103,6 @@ class TenantBackend(PostgresqlBackend):
     statement_timeout = 0.0
     _elide_savepoints = False
 
-    create_internal_tables_sql = """
-        CREATE TABLE IF NOT EXISTS {migrations} (
-            migration_hash VARCHAR(64) PRIMARY KEY,
-            migration_id VARCHAR(255),
-            applied_at_utc TIMESTAMP,
-            batch INTEGER NOT NULL DEFAULT 0,
-            checksum VARCHAR(64)
-        );
-        ALTER TABLE {migrations} ADD COLUMN IF NOT EXISTS batch INTEGER NOT NULL DEFAULT 0;
-        ALTER TABLE {migrations} ADD COLUMN IF NOT EXISTS checksum VARCHAR(64);
-        CREATE TABLE IF NOT EXISTS {log} (
-            id VARCHAR(36) PRIMARY KEY,
-            migration_hash VARCHAR(64),
-            migration_id VARCHAR(255),
-            operation VARCHAR(10),
-            username VARCHAR(255),
-            hostname VARCHAR(255),
-            comment VARCHAR(255),
-            created_at_utc TIMESTAMP
-        );
-        CREATE TABLE IF NOT EXISTS {version} (
-            version INT NOT NULL PRIMARY KEY,
-            installed_at_utc TIMESTAMP
-        );
-        INSERT INTO {version} VALUES (2, now() AT TIME ZONE 'utc') ON CONFLICT DO NOTHING
-    """
     lock_sql = (
         "SELECT set_config('search_path', %(search_path)s, true); "
         "SELECT set_config('lock_timeout', %(wait)s, true); "
@@ -170,24 +111,6 @@ class TenantBackend(PostgresqlBackend):
         # (so the app's queries never queue behind a blocked ALTER for long) and may run.
         "SELECT set_config('lock_timeout', %(lock_timeout)s, true), "
         "set_config('statement_timeout', %(statement_timeout)s, true)"
-    )
-    # The log and mark rows, as psycopg2 parameters (yoyo's own are rewritten on every call).
-    log_sql = (
-        "INSERT INTO {log} (id, migration_hash, migration_id, operation, username, hostname, "
-        "created_at_utc) VALUES (%(id)s, %(migration_hash)s, %(migration_id)s, %(operation)s, "
-        "%(username)s, %(hostname)s, %(created_at_utc)s)"
-    )
-    mark_sql = (
-        "INSERT INTO {migrations} (migration_hash, migration_id, applied_at_utc, batch, checksum) "
-        "VALUES (%(migration_hash)s, %(migration_id)s, %(created_at_utc)s, %(batch)s, %(checksum)s)"
-    )
-    unmark_sql = "DELETE FROM {migrations} WHERE migration_hash = %(migration_hash)s"
-    applied_sql = """
-        SELECT migration_hash, migration_id, applied_at_utc, batch, checksum
-        FROM {migrations} ORDER BY batch, applied_at_utc, migration_id
-    """
-    list_tables_sql = (
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = :schema"
     )
 
     def __init__(self, dburi, migration_table=default_migration_table):
@@ -217,9 +140,7 @@ class TenantBackend(PostgresqlBackend):
         self.batch = None
         self._internal_schema_updated = tables_ready
         self._names = {
-            "migrations": self.qualified(self.migration_table),
-            "log": self.qualified(self.log_table),
-            "version": self.qualified(self.version_table),
+            "log": self.qualified(log.TABLE),
             # public stays second so that extension types installed there (pgvector) resolve.
             "search_path": "public"
             if schema == "public"
@@ -238,16 +159,11 @@ class TenantBackend(PostgresqlBackend):
         return sql.Identifier(self.schema, table).as_string(self.connection)
 
     @property
-    def migration_table_quoted(self) -> str:
-        return self._names["migrations"]
-
-    @property
     def log_table_quoted(self) -> str:
         return self._names["log"]
 
-    @property
-    def version_table_quoted(self) -> str:
-        return self._names["version"]
+    def _sql(self, template: str) -> str:
+        return template.format(log=self._names["log"])
 
     def init_database(self):
         # yoyo creates a lock table and probes transactional DDL with a scratch table here, for
@@ -277,9 +193,9 @@ class TenantBackend(PostgresqlBackend):
         """A transaction on this schema under its advisory lock; yields its applied migrations
         (if `read`: the schema may not exist yet).
 
-        For runs over many schemas: BEGIN, the search path, the lock and the read of the
-        migration table go out as one message, and the log and mark rows of what was applied
-        go out with the COMMIT, so a schema with one pending migration costs three round trips.
+        For runs over many schemas: BEGIN, the search path, the lock and the read of the log go
+        out as one message, and the log rows of what was applied go out with the COMMIT, so a
+        schema with one pending migration costs three round trips.
         """
         assert not self._in_transaction
         self._in_transaction = True
@@ -293,7 +209,7 @@ class TenantBackend(PostgresqlBackend):
                 raise LockBusy(f"schema {self.schema} is locked by another run") from exc
             if read:
                 self._internal_schema_updated = True
-            yield [AppliedMigration(*row) for row in cursor.fetchall()] if read else []
+            yield Log.from_rows(cursor.fetchall()).applied if read else []
             records, self._records = self._records, None
             self.cursor().execute(b"; ".join([*records, b"COMMIT"]))
             self._in_transaction = False
@@ -305,12 +221,12 @@ class TenantBackend(PostgresqlBackend):
     def apply_in_one_message(
         self,
         migrations: list[Migration],
-        expected: list[AppliedMigration],
+        position: int,
         batch: int,
         wait: float | None = None,
     ) -> bool:
-        """Apply SQL `migrations` and record them in one message and one transaction, if the
-        schema's migration table, under the lock, still holds exactly `expected`.
+        """Apply SQL `migrations` and log them in one message and one transaction, if the
+        schema's log, under the lock, is still at `position` (nothing changed since it was read).
 
         Returns False, having changed nothing, if anything failed (the guard, the lock, a
         statement): the caller then takes the careful path, one savepoint per migration, which
@@ -319,18 +235,12 @@ class TenantBackend(PostgresqlBackend):
         """
         assert not self._in_transaction
         self.batch = batch
-        hashes = [row.migration_hash for row in expected]
         query, params = self._lock_query(wait, read=False)
         cursor = self.cursor()
         parts = [b"BEGIN", cursor.mogrify(query, params)]
         if not self._internal_schema_updated:
-            parts.append(self._internal_tables_sql().encode())
-        guard = (
-            "SELECT 1 / ((SELECT count(*) FROM {migrations}) = %(n)s"
-            " AND (SELECT count(*) FROM {migrations} WHERE migration_hash = ANY(%(hashes)s))"
-            " = %(n)s)::int"
-        ).format(**self._names)
-        parts.append(cursor.mogrify(guard, {"n": len(hashes), "hashes": hashes}))
+            parts.append(self._sql(log.CREATE_SQL).encode())
+        parts.append(cursor.mogrify(self._sql(log.GUARD_SQL), {"position": position}))
         self._records = []
         try:
             for migration in migrations:
@@ -368,15 +278,15 @@ class TenantBackend(PostgresqlBackend):
         if not read:
             return []
         self._internal_schema_updated = True
-        return [AppliedMigration(*row) for row in cursor.fetchall()]
+        return Log.from_rows(cursor.fetchall()).applied
 
     def _lock_query(self, wait: float | None, read: bool) -> tuple[str, dict]:
         wait = self.lock_wait if wait is None else wait
         statements = [self.lock_sql]
         if read and not self._internal_schema_updated:
-            statements.append(self._internal_tables_sql())
+            statements.append(self._sql(log.CREATE_SQL))
         if read:
-            statements.append(self._applied_sql())
+            statements.append(self._sql(log.ROWS_SQL))
         params = {
             "search_path": self.search_path,
             "wait": _ms(wait) if wait else "1ms",
@@ -432,33 +342,21 @@ class TenantBackend(PostgresqlBackend):
         self._internal_schema_updated = True
 
     def create_internal_tables(self) -> None:
-        """Create (or bring up to date) the schema's migration, log and version tables."""
-        self.execute(self._internal_tables_sql())
+        """Create the schema's log table, if it is not there."""
+        self.execute(self._sql(log.CREATE_SQL))
         self._internal_schema_updated = True
-
-    def _internal_tables_sql(self) -> str:
-        return self.create_internal_tables_sql.format(
-            migrations=self.migration_table_quoted,
-            log=self.log_table_quoted,
-            version=self.version_table_quoted,
-        )
-
-    def _applied_sql(self) -> str:
-        return self.applied_sql.format(migrations=self.migration_table_quoted)
 
     def applied(self) -> list[AppliedMigration]:
         """The schema's applied migrations, oldest first."""
         self.ensure_internal_schema_updated()
-        rows = self.execute(self._applied_sql())
-        return [AppliedMigration(*row) for row in rows.fetchall()]
+        return Log.from_rows(self.execute(self._sql(log.ROWS_SQL)).fetchall()).applied
 
     def get_applied_migration_hashes(self):
         return [m.migration_hash for m in self.applied()]
 
     def next_batch(self) -> int:
         self.ensure_internal_schema_updated()
-        query = f"SELECT coalesce(max(batch), 0) + 1 FROM {self.migration_table_quoted}"
-        return self.execute(query).fetchone()[0]
+        return self.execute(self._sql(log.NEXT_BATCH_SQL)).fetchone()[0]
 
     def mark_one(self, migration, log=True):
         # `yoyo mark`: recorded as applied (with batch and checksum) without running it.
@@ -469,15 +367,16 @@ class TenantBackend(PostgresqlBackend):
         self.ensure_internal_schema_updated()
         self.record(migration, "unmark")
 
+    def log_migration(self, migration, operation):
+        self.record(migration, operation)
+
     def get_log_data(self, migration=None, operation="apply"):
         # yoyo's own looks up the user and the host's FQDN for every row.
         username, hostname = _log_identity()
         return {
-            "id": str(uuid.uuid4()),
             "migration_id": migration.id if migration else None,
-            "migration_hash": migration.hash if migration else None,
-            "username": username,
-            "hostname": hostname,
+            "username": username[: log.USERNAME_WIDTH],
+            "hostname": hostname[: log.HOSTNAME_WIDTH],
             "created_at_utc": datetime.now(timezone.utc).replace(tzinfo=None),
             "operation": operation,
         }
@@ -526,7 +425,7 @@ class TenantBackend(PostgresqlBackend):
                 migration.process_steps(self, direction, force=force)
             finally:
                 self._elide_savepoints = False
-            self.record(migration, direction, mark)
+            self.record(migration, direction if mark else log.HOOK)
 
     def savepoint(self, id):
         if self._elide_savepoints:
@@ -554,24 +453,18 @@ class TenantBackend(PostgresqlBackend):
         super().rollback()
         self._elided.clear()
 
-    def record(self, migration: Migration, operation: str, mark: bool = True) -> None:
-        """Log `operation` ("apply", "rollback", "mark", "unmark") and, if `mark`, mark or
-        unmark the migration: one round trip, or none in a schema_transaction, whose COMMIT
-        carries them."""
-        statements = [self.log_sql]
-        params = self.get_log_data(migration, operation)
-        if mark and operation in ("apply", "mark"):
+    def record(self, migration: Migration, operation: str) -> None:
+        """Log `operation` ("apply", "rollback", "mark", "unmark" or "post-apply"): one
+        statement, sent now, or in a schema_transaction with its COMMIT."""
+        params = {**self.get_log_data(migration, operation), "batch": None, "checksum": None}
+        if operation in log.APPLIED:
             if self.batch is None:
                 self.batch = self.next_batch()
-            statements.append(self.mark_sql)
             params.update(batch=self.batch, checksum=migration_checksum(migration))
-        elif mark:
-            statements.append(self.unmark_sql)
-        query = "; ".join(statements).format(**self._names)
         if self._records is not None:
-            self._records.append(self.cursor().mogrify(query, params))
+            self._records.append(self.cursor().mogrify(self._sql(log.INSERT_SQL), params))
         else:
-            self.cursor().execute(query, params)
+            self.cursor().execute(self._sql(log.INSERT_SQL), params)
 
     def _without_transaction(self, migration: Migration, direction: str, force, mark) -> None:
         # CREATE INDEX CONCURRENTLY and friends cannot run in a transaction block, so neither can
@@ -586,7 +479,7 @@ class TenantBackend(PostgresqlBackend):
                 if not mark or applied == (direction == "rollback"):
                     self._run_steps_on_session(migration, direction, force)
                     with self.transaction():
-                        self.record(migration, direction, mark)
+                        self.record(migration, direction if mark else log.HOOK)
         except exceptions.LockTimeout as exc:
             raise LockBusy(str(exc)) from None
 

@@ -18,9 +18,10 @@ from yoyo import exceptions as yoyo_exceptions
 from yoyo.migrations import MigrationList, read_migrations
 
 from . import registry, scaffold
-from .backend import migration_checksum, sql_statements
+from .backend import sql_statements
 from .db import connect, server_params
 from .errors import NotReady, UsageError
+from .log import migration_checksum
 from .plan import drift, migration_sql
 from .registry import Tenant
 from .runner import (
@@ -144,7 +145,7 @@ def migrate_tenants(
         # A tenant's first migrations go statement by statement: measured, a long message of
         # DDL is slower than its statements one by one; one message pays off for a few.
         lambda backend, result, state: apply_schema(
-            backend, migrations, result, opts, known=state.applied if state.tables_ready else None
+            backend, migrations, result, opts, known=state.log if state.tables_ready else None
         ),
         partial(plan_apply, migrations=migrations, allow_drift=opts.allow_drift)
         if dry_run

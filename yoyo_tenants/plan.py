@@ -8,7 +8,8 @@ from pathlib import Path
 
 from yoyo.migrations import Migration, MigrationList, read_sql_migration
 
-from .backend import AppliedMigration, migration_checksum, sql_statements
+from .backend import sql_statements
+from .log import AppliedMigration, migration_checksum
 
 
 def migration_sql(migration: Migration, direction: str) -> list[str]:

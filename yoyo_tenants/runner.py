@@ -20,9 +20,11 @@ import psycopg2
 from psycopg2 import sql
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
-from .backend import AppliedMigration, TenantBackend
+from . import log
+from .backend import TenantBackend
 from .db import error_text, open_backend
 from .errors import LockBusy, MigrationsMissing, TenantsError, UsageError
+from .log import AppliedMigration, Log
 from .plan import drift
 
 LOCK_NOT_AVAILABLE = "55P03"
@@ -135,7 +137,7 @@ def apply_schema(
     migrations: MigrationList,
     result: SchemaResult,
     options: RunOptions = RunOptions(),
-    known: Sequence[AppliedMigration] | None = None,
+    known: Log | None = None,
 ) -> SchemaResult:
     """Apply the migrations pending in `result.schema`: a transaction, a savepoint per migration.
 
@@ -143,9 +145,9 @@ def apply_schema(
     timed out waiting for a table lock is retried after a pause, outside any transaction, so the
     app's queries are never queued behind it for long.
 
-    `known` is what a scan read from the schema's migration table a moment ago: if the pending
-    migrations are plain SQL, they are first tried in a single message, guarded by a check that
-    the table still says the same (see TenantBackend.apply_in_one_message).
+    `known` is what a scan read from the schema's log a moment ago: if the pending migrations are
+    plain SQL, they are first tried in a single message, guarded by a check that the log has not
+    moved since (see TenantBackend.apply_in_one_message).
     """
     if known is not None and _one_message(backend, migrations, result, options, known):
         return result
@@ -171,20 +173,20 @@ def apply_schema(
     )
 
 
-def _one_message(backend, migrations, result, options, known) -> bool:
+def _one_message(backend, migrations, result, options, known: Log) -> bool:
     """The common case in one round trip; False (with nothing changed) to take the long way."""
-    todo = pending(migrations, known)
+    todo = pending(migrations, known.applied)
     eligible = (
         todo
         and not migrations.post_apply
         and all(m.use_transactions and m.path.endswith(".sql") for m in todo)
-        and (options.allow_drift or not drift(known, migrations))
+        and (options.allow_drift or not drift(known.applied, migrations))
     )
     if not eligible:
         return False
     started = time.perf_counter()
-    batch = max((row.batch for row in known), default=0) + 1
-    if not backend.apply_in_one_message(todo, known, batch, options.lock_wait):
+    batch = max((row.batch for row in known.applied), default=0) + 1
+    if not backend.apply_in_one_message(todo, known.position, batch, options.lock_wait):
         return False
     result.migrations = [m.id for m in todo]
     result.duration = time.perf_counter() - started
@@ -312,11 +314,15 @@ def explain(backend: TenantBackend, exc: Exception) -> str:
 
 @dataclass
 class SchemaState:
-    """A schema's migration table as read by `scan`."""
+    """A schema as read by `scan`."""
 
     exists: bool = False
-    tables_ready: bool = False  # our migration table, with its batch and checksum columns
-    applied: list[AppliedMigration] = field(default_factory=list)  # oldest first
+    tables_ready: bool = False  # its log table is there, in the current layout
+    log: Log = field(default_factory=lambda: Log([]))
+
+    @property
+    def applied(self) -> list[AppliedMigration]:
+        return self.log.applied
 
     @property
     def applied_hashes(self) -> set[str]:
@@ -324,34 +330,34 @@ class SchemaState:
 
 
 def scan(cursor, schemas: Sequence[str]) -> dict[str, SchemaState]:
-    """Read the migration tables of many schemas in a few queries (one per SCAN_CHUNK schemas)."""
+    """Read the migration logs of many schemas in a few queries (one per SCAN_CHUNK schemas)."""
     states = {schema: SchemaState() for schema in schemas}
     cursor.execute(
         """
         SELECT n.nspname, a.attname IS NOT NULL
         FROM pg_namespace n
-        LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = '_yoyo_migration'
-        LEFT JOIN pg_attribute a
-            ON a.attrelid = c.oid AND a.attname = 'checksum' AND NOT a.attisdropped
+        LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %s
+        LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped
         WHERE n.nspname = ANY(%s)
         """,
-        (list(schemas),),
+        (log.TABLE, log.LAYOUT_COLUMN, list(schemas)),
     )
     for name, ready in cursor.fetchall():
         states[name].exists, states[name].tables_ready = True, ready
     ready = [schema for schema in schemas if states[schema].tables_ready]
+    rows: dict[str, list[tuple]] = {schema: [] for schema in ready}
     for start in range(0, len(ready), SCAN_CHUNK):
         selects = [
-            sql.SQL(
-                "SELECT {}, migration_hash, migration_id, applied_at_utc, batch, checksum FROM {}"
-            ).format(sql.Literal(schema), sql.Identifier(schema, "_yoyo_migration"))
+            sql.SQL("SELECT {}, " + log.COLUMNS + " FROM {}").format(
+                sql.Literal(schema), sql.Identifier(schema, log.TABLE)
+            )
             for schema in ready[start : start + SCAN_CHUNK]
         ]
         cursor.execute(sql.SQL(" UNION ALL ").join(selects))
         for schema, *row in cursor.fetchall():
-            states[schema].applied.append(AppliedMigration(*row))
-    for state in states.values():
-        state.applied.sort(key=lambda row: (row.batch, row.applied_at, row.migration_id))
+            rows[schema].append(row)
+    for schema in ready:
+        states[schema].log = Log.from_rows(rows[schema])
     return states
 
 

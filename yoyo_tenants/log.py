@@ -1,0 +1,124 @@
+"""A schema's migration log: one table inside the schema, one row per operation, never updated.
+
+yoyo keeps three tables per schema (what is applied, a log of operations, the layout's version),
+each with an index, and the log with a TOAST table: eight relations, which cost a new tenant about
+half as much again as its own DDL, and which a run has to open in every schema it touches.
+Here one table does the work of all three:
+
+* every apply, rollback, mark, unmark (and post-apply hook) is a row, numbered 1, 2, ... in the
+  order they happened; rows are numbered under the schema's advisory lock, so no sequence;
+* what is applied is what the rows say, read in that order: a migration whose last apply or mark
+  no rollback or unmark has undone since;
+* the number of the last row is the log's position: while it stays put nothing has changed, so a
+  run can check in one cheap statement that a schema is still as a scan saw it;
+* the table has no index (a few rows per migration, always read whole) and no TOAST table:
+  its columns are sized so that the widest row stays under TOAST's 2 kB threshold at 4 bytes a
+  character. The layout is told by its columns (``batch``), so no version table either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from weakref import WeakKeyDictionary
+
+from yoyo.migrations import Migration, hash_function
+
+TABLE = "_yoyo_log"
+#: A column only the current layout has: a schema whose log lacks it is not ready.
+LAYOUT_COLUMN = "batch"
+
+CREATE_SQL = """
+    CREATE TABLE IF NOT EXISTS {log} (
+        id INTEGER NOT NULL,
+        migration_id VARCHAR(255) NOT NULL,
+        operation VARCHAR(10) NOT NULL,
+        batch INTEGER,
+        checksum VARCHAR(64),
+        username VARCHAR(63),
+        hostname VARCHAR(95),
+        created_at_utc TIMESTAMP NOT NULL
+    )
+"""
+INSERT_SQL = (
+    "INSERT INTO {log} (id, migration_id, operation, batch, checksum, username, hostname, "
+    "created_at_utc) SELECT coalesce(max(id), 0) + 1, %(migration_id)s, %(operation)s, "
+    "%(batch)s, %(checksum)s, %(username)s, %(hostname)s, %(created_at_utc)s FROM {log}"
+)
+#: What Log.from_rows reads, in this order.
+COLUMNS = "id, migration_id, operation, created_at_utc, batch, checksum"
+ROWS_SQL = f"SELECT {COLUMNS} FROM {{log}}"
+#: Fails (division by zero) unless the log is still at the position a scan read.
+GUARD_SQL = "SELECT 1 / (coalesce(max(id), 0) = %(position)s)::int FROM {log}"
+NEXT_BATCH_SQL = "SELECT coalesce(max(batch), 0) + 1 FROM {log}"
+
+APPLIED = ("apply", "mark")
+UNDONE = ("rollback", "unmark")
+#: Logged, never applied: a post-apply hook runs after every run that applied something.
+HOOK = "post-apply"
+USERNAME_WIDTH, HOSTNAME_WIDTH = 63, 95
+
+
+@cache
+def migration_hash(migration_id: str) -> str:
+    """yoyo's hash of a migration: of its id, not its content (see migration_checksum)."""
+    return hash_function(migration_id.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    """A migration the log says is applied."""
+
+    migration_id: str
+    applied_at: datetime
+    batch: int
+    checksum: str | None
+
+    @property
+    def migration_hash(self) -> str:
+        return migration_hash(self.migration_id)
+
+
+@dataclass
+class Log:
+    """What a schema's log says: the migrations applied, oldest first, and its position."""
+
+    applied: list[AppliedMigration]
+    position: int = 0
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple]) -> Log:
+        """From rows of COLUMNS, in any order."""
+        applied: dict[str, AppliedMigration] = {}
+        position = 0
+        for row in sorted(rows, key=lambda row: row[0]):
+            position, migration_id, operation, created_at, batch, checksum = row
+            if operation in APPLIED or operation in UNDONE:
+                applied.pop(migration_id, None)  # a re-apply moves to the end
+            if operation in APPLIED:
+                applied[migration_id] = AppliedMigration(migration_id, created_at, batch, checksum)
+        return cls(list(applied.values()), position)
+
+
+_checksums: WeakKeyDictionary[Migration, str] = WeakKeyDictionary()
+
+
+def migration_checksum(migration: Migration) -> str:
+    """sha256 of a migration's file and, for SQL, its .rollback.sql twin, as first read.
+
+    Kept per Migration object, so a run records the content it loaded even if the file changes
+    while it runs, and a fresh read_migrations() sees an edited file.
+    """
+    checksum = _checksums.get(migration)
+    if checksum is None:
+        path = Path(migration.path)
+        digest = hashlib.sha256(path.read_bytes())
+        rollback = path.with_suffix(".rollback.sql")
+        if path.suffix == ".sql" and rollback.exists():
+            digest.update(b"\0rollback\0" + rollback.read_bytes())
+        checksum = _checksums[migration] = digest.hexdigest()
+    return checksum
