@@ -233,9 +233,13 @@ def settle(admin: Admin) -> None:
 
     After a checkpoint the first change to each page writes the whole page to the WAL; without
     one before every run, whichever run came first would pay that for the shared catalog pages.
+    The sync writes out what the kernel still holds of a previous round's databases (dropped,
+    created, checkpointed): otherwise the run right after a new round shared the disk with that
+    write-back and measured up to twice as slow, whichever side it was.
     """
     admin.execute(f"VACUUM ANALYZE {', '.join(CATALOGS)}")
     admin.execute("CHECKPOINT")
+    os.sync()
 
 
 def run_pool(

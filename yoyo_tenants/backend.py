@@ -24,16 +24,16 @@ from __future__ import annotations
 import getpass
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import cache
-from weakref import WeakKeyDictionary
 
 from psycopg2 import sql
+from psycopg2.extensions import AsIs
 from yoyo import exceptions
 from yoyo.backends.core.postgresql import PostgresqlBackend
-from yoyo.migrations import Migration, default_migration_table, read_sql_migration
+from yoyo.migrations import Migration, default_migration_table
 
 from . import log
 from .deferred import DeferringConnection
@@ -58,17 +58,6 @@ class _Quoter:
         return self.quote(name)
 
 
-_sql_statements: WeakKeyDictionary[Migration, list[str]] = WeakKeyDictionary()
-
-
-def sql_statements(migration: Migration) -> list[str]:
-    """The statements of a SQL migration, split as yoyo splits them, read once per run."""
-    statements = _sql_statements.get(migration)
-    if statements is None:
-        statements = _sql_statements[migration] = read_sql_migration(migration.path)[2]
-    return statements
-
-
 def _tolerates_errors(steps) -> bool:
     """Whether any of yoyo's steps (or steps in their groups) has ignore_errors set."""
     for step in steps or ():
@@ -85,9 +74,12 @@ def _ms(seconds: float) -> str:
 
 
 @cache
-def _log_identity() -> tuple[str, str]:
+def _log_identity() -> dict[str, str]:
     # yoyo looks these up for every log row; socket.getfqdn() alone can take milliseconds.
-    return getpass.getuser(), socket.getfqdn()
+    return {
+        "username": getpass.getuser()[: log.USERNAME_WIDTH],
+        "hostname": socket.getfqdn()[: log.HOSTNAME_WIDTH],
+    }
 
 
 class TenantBackend(PostgresqlBackend):
@@ -112,11 +104,19 @@ class TenantBackend(PostgresqlBackend):
         "SELECT set_config('lock_timeout', %(lock_timeout)s, true), "
         "set_config('statement_timeout', %(statement_timeout)s, true)"
     )
+    one_message_sql = (
+        "BEGIN; SELECT set_config('search_path', %(search_path)s, true), "
+        "set_config('lock_timeout', %(lock_timeout)s, true), "
+        "set_config('statement_timeout', %(statement_timeout)s, true), "
+        # Never waits: if another run holds the schema, this fails, and the careful path waits.
+        "1 / pg_try_advisory_xact_lock(hashtextextended(%(key)s, 0))::int"
+    )
 
     def __init__(self, dburi, migration_table=default_migration_table):
         self._elided: set[str] = set()
         self._names: dict[str, str] = {}
         self._records: list[bytes] | None = None
+        self._messages: dict[tuple[Migration, ...], tuple[bytes, AsIs]] = {}
         super().__init__(dburi, migration_table)
         self.use_schema(self.schema)
 
@@ -140,7 +140,8 @@ class TenantBackend(PostgresqlBackend):
         self.batch = None
         self._internal_schema_updated = tables_ready
         self._names = {
-            "log": self.qualified(log.TABLE),
+            # Every statement naming it runs with parameters, where % is special.
+            "log": self.qualified(log.TABLE).replace("%", "%%"),
             # public stays second so that extension types installed there (pgvector) resolve.
             "search_path": "public"
             if schema == "public"
@@ -157,10 +158,6 @@ class TenantBackend(PostgresqlBackend):
 
     def qualified(self, table: str) -> str:
         return sql.Identifier(self.schema, table).as_string(self.connection)
-
-    @property
-    def log_table_quoted(self) -> str:
-        return self._names["log"]
 
     def _sql(self, template: str) -> str:
         return template.format(log=self._names["log"])
@@ -220,42 +217,62 @@ class TenantBackend(PostgresqlBackend):
 
     def apply_in_one_message(
         self,
-        migrations: list[Migration],
+        migrations: Sequence[Migration],
         position: int,
         batch: int,
-        wait: float | None = None,
+        prelude: bytes = b"",
     ) -> bool:
-        """Apply SQL `migrations` and log them in one message and one transaction, if the
-        schema's log, under the lock, is still at `position` (nothing changed since it was read).
+        """Apply plain SQL `migrations` and log them in one message and one transaction, if the
+        schema's log is still at `position` (nothing changed since the caller read it).
 
-        Returns False, having changed nothing, if anything failed (the guard, the lock, a
-        statement): the caller then takes the careful path, one savepoint per migration, which
-        says which migration failed and why. One round trip instead of three or more is what
-        makes a deploy of one migration to thousands of up-to-date tenants cheap.
+        The message: BEGIN; the search path and timeouts, and the schema's lock taken without
+        waiting, in one statement; `prelude` (provisioning registers the tenant there); the log
+        table if the schema has none; the migrations' files as they are; their log rows, guarded;
+        COMMIT. One round trip instead of one per statement is what makes a deploy to thousands
+        of tenants cheap.
+
+        Returns False, having changed nothing, if anything failed (the lock was held, the log
+        moved, a statement failed): the caller then takes the careful path, one savepoint per
+        migration and a lock it waits for, which says which migration failed and why.
         """
         assert not self._in_transaction
-        self.batch = batch
-        query, params = self._lock_query(wait, read=False)
         cursor = self.cursor()
-        parts = [b"BEGIN", cursor.mogrify(query, params)]
+        parts = [cursor.mogrify(self.one_message_sql, self._lock_params()), prelude]
         if not self._internal_schema_updated:
             parts.append(self._sql(log.CREATE_SQL).encode())
-        parts.append(cursor.mogrify(self._sql(log.GUARD_SQL), {"position": position}))
-        self._records = []
+        body, rows = self._message_parts(tuple(migrations))
+        parts += [
+            body,
+            cursor.mogrify(
+                self._sql(log.INSERT_APPLIED_SQL),
+                {"rows": rows, "position": position, "batch": batch, **_log_identity()},
+            ),
+            b"COMMIT",
+        ]
         try:
-            for migration in migrations:
-                parts += [s.encode() for s in sql_statements(migration)]
-                self.record(migration, "apply")
-            parts += [*self._records, b"COMMIT"]
-        finally:
-            self._records = None
-        try:
-            cursor.execute(b"; ".join(parts))
+            cursor.execute(b";\n".join(part for part in parts if part))
         except self.DatabaseError:
             cursor.execute("ROLLBACK")
             return False
         self._internal_schema_updated = True
         return True
+
+    def _message_parts(self, migrations: tuple[Migration, ...]) -> tuple[bytes, AsIs]:
+        """The parts of a one-message apply that are the same in every schema, made once a run:
+        the files' text, and the VALUES rows of their log rows."""
+        parts = self._messages.get(migrations)
+        if parts is None:
+            cursor = self.cursor()
+            # A newline before each separator: a file may end in a -- comment.
+            body = "\n;\n".join(m.source for m in migrations) + "\n"
+            rows = b", ".join(
+                cursor.mogrify("(%s, %s, %s)", (k, m.id, migration_checksum(m)))
+                for k, m in enumerate(migrations, 1)
+            )
+            encoding = self.connection.encoding_name
+            parts = (body.encode(encoding), AsIs(rows.decode(encoding)))
+            self._messages[migrations] = parts
+        return parts
 
     def list_tables(self, **kwargs):
         return super(PostgresqlBackend, self).list_tables(schema=self.schema, **kwargs)
@@ -287,14 +304,16 @@ class TenantBackend(PostgresqlBackend):
             statements.append(self._sql(log.CREATE_SQL))
         if read:
             statements.append(self._sql(log.ROWS_SQL))
-        params = {
+        params = {**self._lock_params(), "wait": _ms(wait) if wait else "1ms"}
+        return "; ".join(statements), params
+
+    def _lock_params(self) -> dict[str, str]:
+        return {
             "search_path": self.search_path,
-            "wait": _ms(wait) if wait else "1ms",
             "key": self._key,
             "lock_timeout": _ms(self.lock_timeout),
             "statement_timeout": _ms(self.statement_timeout),
         }
-        return "; ".join(statements), params
 
     @contextmanager
     def lock(self, timeout=10):
@@ -372,11 +391,9 @@ class TenantBackend(PostgresqlBackend):
 
     def get_log_data(self, migration=None, operation="apply"):
         # yoyo's own looks up the user and the host's FQDN for every row.
-        username, hostname = _log_identity()
         return {
             "migration_id": migration.id if migration else None,
-            "username": username[: log.USERNAME_WIDTH],
-            "hostname": hostname[: log.HOSTNAME_WIDTH],
+            **_log_identity(),
             "created_at_utc": datetime.now(timezone.utc).replace(tzinfo=None),
             "operation": operation,
         }

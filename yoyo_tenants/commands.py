@@ -18,7 +18,6 @@ from yoyo import exceptions as yoyo_exceptions
 from yoyo.migrations import MigrationList, read_migrations
 
 from . import registry, scaffold
-from .backend import sql_statements
 from .db import connect, server_params
 from .errors import NotReady, UsageError
 from .log import migration_checksum
@@ -54,10 +53,7 @@ def load_migrations(directory: Path) -> MigrationList:
             migration.load()
         except yoyo_exceptions.BadMigration as exc:
             raise NotReady(f"cannot load migration {migration.path}: {exc.args[-1]}") from None
-        # Read now, before worker threads share the migrations.
-        migration_checksum(migration)
-        if migration.is_raw_sql():
-            sql_statements(migration)
+        migration_checksum(migration)  # now, before worker threads share the migrations
     return migrations
 
 
@@ -142,10 +138,8 @@ def migrate_tenants(
         settings,
         tenant,
         needs_work,
-        # A tenant's first migrations go statement by statement: measured, a long message of
-        # DDL is slower than its statements one by one; one message pays off for a few.
         lambda backend, result, state: apply_schema(
-            backend, migrations, result, opts, known=state.log if state.tables_ready else None
+            backend, migrations, result, opts, known=state.log
         ),
         partial(plan_apply, migrations=migrations, allow_drift=opts.allow_drift)
         if dry_run

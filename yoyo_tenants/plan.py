@@ -8,7 +8,6 @@ from pathlib import Path
 
 from yoyo.migrations import Migration, MigrationList, read_sql_migration
 
-from .backend import sql_statements
 from .log import AppliedMigration, migration_checksum
 
 
@@ -16,9 +15,10 @@ def migration_sql(migration: Migration, direction: str) -> list[str]:
     """The statements a migration runs in `direction` ("apply" or "rollback")."""
     if not migration.path.endswith(".sql"):
         return [f"-- Python migration {Path(migration.path).name}: runs its steps' code"]
-    if direction == "apply":
-        return sql_statements(migration)
-    return read_sql_migration(str(Path(migration.path).with_suffix(".rollback.sql")))[2]
+    path = Path(migration.path)
+    if direction == "rollback":
+        path = path.with_suffix(".rollback.sql")
+    return read_sql_migration(str(path))[2]
 
 
 def drift(applied: Sequence[AppliedMigration], migrations: MigrationList) -> list[str]:

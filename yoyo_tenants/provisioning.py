@@ -16,7 +16,7 @@ from .db import open_backend, server_params
 from .errors import MigrationFailed, NotReady, SchemaCollision, TenantsError
 from .plan import drift, migration_sql
 from .registry import Tenant
-from .runner import RunOptions, SchemaResult, apply_schema, explain, pending
+from .runner import RunOptions, SchemaResult, apply_schema, explain, fits_one_message, pending
 from .settings import Settings
 
 
@@ -46,24 +46,46 @@ def provision_tenant(
         backend.use_schema(tenant.schema)
         backend.lock_timeout = settings.lock_timeout
         backend.statement_timeout = settings.statement_timeout
-        try:
-            # One transaction: the registry row, the schema and its migrations commit together.
-            with backend.schema_transaction(lock_wait, read=False):  # no schema yet, maybe
-                applied = _provision(backend, done, migrations)
-                if dry_run:
-                    raise _Discard
-        except _Discard:
-            pass
-        if not dry_run and len(done.migrations) < len(pending(migrations, applied)):
-            _finish_outside_transaction(backend, migrations, done, lock_wait)
+        if dry_run or not _in_one_message(backend, done, migrations):
+            _provision_carefully(backend, done, migrations, lock_wait)
     finally:
         backend.connection.close()
     done.duration = time.perf_counter() - started
     return done
 
 
+def _provision_carefully(backend, done: Provisioned, migrations, lock_wait) -> None:
+    """Step by step, in one transaction where the migrations allow: the registry row, the
+    schema and its migrations commit together."""
+    try:
+        with backend.schema_transaction(lock_wait, read=False):  # no schema yet, maybe
+            applied = _provision(backend, done, migrations)
+            if done.dry_run:
+                raise _Discard
+    except _Discard:
+        return
+    if len(done.migrations) < len(pending(migrations, applied)):
+        _finish_outside_transaction(backend, migrations, done, lock_wait)
+
+
 class _Discard(Exception):
     """Raised to roll back a dry run's transaction."""
+
+
+def _in_one_message(backend, done: Provisioned, migrations) -> bool:
+    """The common case, a new org, in one round trip: registry row, schema and migrations.
+
+    False, with nothing changed, if anything failed (the org is registered already, its schema
+    name is taken, a migration failed): the careful way then finds out which and says so.
+    """
+    todo = pending(migrations, [])
+    if not fits_one_message(todo, migrations):
+        return False
+    prelude = registry.register_sql(backend.connection.cursor(), done.tenant)
+    if not backend.apply_in_one_message(todo, position=0, batch=1, prelude=prelude):
+        return False
+    done.created, done.migrations = True, [m.id for m in todo]
+    return True
 
 
 def _provision(backend, done: Provisioned, migrations) -> list:

@@ -95,7 +95,12 @@ def lookup(cursor, tenant: Tenant) -> tuple[str | None, str | None, bool]:
 
 def register(cursor, tenant: Tenant) -> None:
     """Insert the registry row and create the schema, in the caller's transaction."""
-    cursor.execute(
+    cursor.execute(register_sql(cursor, tenant))
+
+
+def register_sql(cursor, tenant: Tenant) -> bytes:
+    """The statements that register `tenant`, ready to send."""
+    return cursor.mogrify(
         sql.SQL(
             "INSERT INTO public.tenants (clerk_org_id, schema_name) VALUES (%s, %s); "
             "CREATE SCHEMA {}"

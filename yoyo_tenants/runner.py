@@ -176,21 +176,27 @@ def apply_schema(
 def _one_message(backend, migrations, result, options, known: Log) -> bool:
     """The common case in one round trip; False (with nothing changed) to take the long way."""
     todo = pending(migrations, known.applied)
-    eligible = (
-        todo
-        and not migrations.post_apply
-        and all(m.use_transactions and m.path.endswith(".sql") for m in todo)
-        and (options.allow_drift or not drift(known.applied, migrations))
-    )
-    if not eligible:
+    if not fits_one_message(todo, migrations) or (
+        not options.allow_drift and drift(known.applied, migrations)
+    ):
         return False
     started = time.perf_counter()
     batch = max((row.batch for row in known.applied), default=0) + 1
-    if not backend.apply_in_one_message(todo, known.position, batch, options.lock_wait):
+    if not backend.apply_in_one_message(todo, known.position, batch):
         return False
     result.migrations = [m.id for m in todo]
     result.duration = time.perf_counter() - started
     return True
+
+
+def fits_one_message(todo: Sequence[Migration], migrations: MigrationList) -> bool:
+    """Whether `todo` can go in one message: plain SQL, in a transaction, and no post-apply hook
+    (hooks are Python or SQL run after every apply, in their own savepoints)."""
+    return (
+        bool(todo)
+        and not migrations.post_apply
+        and all(m.use_transactions and m.is_raw_sql() for m in todo)
+    )
 
 
 def rollback_schema(
