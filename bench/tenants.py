@@ -20,6 +20,10 @@ splits the files (neither always wins). For no-op: a Python process that imports
 connects and lists the registry. For provision: one connection and one transaction with the
 registry row, CREATE SCHEMA and the DDL.
 
+A third reference, not a lower bound: the one-message way plus the least that a migration log
+inside each schema costs (the schema's lock, its log table, a row per migration, no checks): the
+floor of this design, which keeps a log in every schema as yoyo does.
+
 Every side of every fresh round gets a new database copied from one template (master migrations
 applied): same catalogs, same small data directory, whichever side runs. Each measured run starts
 after a VACUUM of the catalogs and a CHECKPOINT; the sides alternate in order; fresh and
@@ -62,6 +66,7 @@ from yoyo.migrations import read_sql_migration
 
 import yoyo_tenants
 from yoyo_tenants import Settings, embedded, migrate_master, migrate_tenants, provision_tenant
+from yoyo_tenants import log as log_sql
 from yoyo_tenants.registry import schema_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +112,9 @@ class Scenario:
     lower_bound: list[float] = field(default_factory=list)
     #: fresh and incremental only: the lower bound with one round trip per statement.
     per_statement: list[float] = field(default_factory=list)
+    #: fresh and incremental only: one message per schema with the least bookkeeping a log
+    #: inside each schema needs (its lock, its table, one row per migration): the design's floor.
+    with_log: list[float] = field(default_factory=list)
     #: "min" (better of the runs) or "median"
     pick: str = "min"
 
@@ -126,6 +134,10 @@ class Scenario:
     @property
     def per_statement_s(self) -> float | None:
         return self.value(self.per_statement)
+
+    @property
+    def with_log_s(self) -> float | None:
+        return self.value(self.with_log)
 
     @property
     def lower_bound_s(self) -> float | None:
@@ -149,13 +161,17 @@ class Scenario:
 
     def as_json(self) -> dict:
         data = asdict(self)
-        for key in ("tool", "lower_bound", "per_statement"):
+        for key in ("tool", "lower_bound", "per_statement", "with_log"):
             data[key] = [round(x, 4) for x in data[key]]
         data.update(
             tool_s=_round(self.tool_s),
             lower_bound_s=_round(self.lower_bound_s),
             one_message_s=_round(self.one_message_s),
             per_statement_s=_round(self.per_statement_s),
+            with_log_s=_round(self.with_log_s),
+            with_log_ratio=_round(self.with_log_s / self.lower_bound_s, 3)
+            if self.with_log_s and self.lower_bound_s
+            else None,
             ratio=_round(self.ratio, 3),
             target_met=self.met,
         )
@@ -172,7 +188,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(scenarios: Sequence[Scenario]) -> str:
     header = ("scenario", "tool s", "lower bound s", "ratio", "target", "met")
-    header += ("LB 1 msg s", "LB per-stmt s")
+    header += ("LB 1 msg s", "LB per-stmt s", "LB + log s")
     rows = [header]
     for s in scenarios:
         met = {True: "yes", False: "NO", None: "-"}[s.met]
@@ -186,6 +202,7 @@ def table(scenarios: Sequence[Scenario]) -> str:
                 met,
                 _fmt(s.one_message_s if s.per_statement else None, ".3f"),
                 _fmt(s.per_statement_s, ".3f"),
+                _fmt(s.with_log_s, ".3f"),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -283,6 +300,28 @@ def one_round_trip(texts: Sequence[str]) -> Callable[[object, str], None]:
     def work(cursor, schema: str) -> None:
         cursor.execute(
             f"BEGIN;\nSET LOCAL search_path TO {ident(schema)}, public;\n{body}\n;\nCOMMIT;"
+        )
+
+    return work
+
+
+def with_log(
+    texts: Sequence[str], ids: Sequence[str], create: bool
+) -> Callable[[object, str], None]:
+    """One round trip as above, plus the least a migration log inside each schema costs: the
+    schema's lock, its log table (fresh schemas), one row per migration; no check at all."""
+    body = "\n;\n".join(texts)
+    values = ", ".join(f"({k}, '{m}', 'apply', 1, now())" for k, m in enumerate(ids, 1))
+    assert all(SAFE_NAME.fullmatch(m) for m in ids), ids
+
+    def work(cursor, schema: str) -> None:
+        log = f"{ident(schema)}._yoyo_log"
+        create_log = log_sql.CREATE_SQL.format(log=log) + ";" if create else ""
+        cursor.execute(
+            f"BEGIN;\nSELECT set_config('search_path', '{ident(schema)}, public', true), "
+            f"pg_try_advisory_xact_lock(hashtextextended('{schema}', 0));\n{create_log}{body}"
+            f"\n;\nINSERT INTO {log} (id, migration_id, operation, batch, created_at_utc) "
+            f"VALUES {values};\nCOMMIT;"
         )
 
     return work
@@ -402,13 +441,13 @@ class Bench:
             self.server.execute(f"DROP DATABASE {ident(database.name)}")
         self.round += 1
         self.databases = []
-        for side in ("tool", "lb", "ls"):
+        for side in ("tool", "lb", "ls", "lf"):
             name = f"round{self.round}_{side}"
             self.server.execute(f"CREATE DATABASE {ident(name)} TEMPLATE {ident(TEMPLATE)}")
             database = Database(self.server_params, name)
             create_schemas(database.admin, self.schemas)
             self.databases.append(database)
-        self.tool, self.lb, self.ls = self.databases
+        self.tool, self.lb, self.ls, self.lf = self.databases
         self.tool.admin.execute(
             "INSERT INTO public.tenants (clerk_org_id, schema_name) "
             "SELECT * FROM unnest(%s::text[], %s::text[])",
@@ -452,7 +491,12 @@ class Bench:
     ) -> None:
         """Run each side once, in an order that alternates between repetitions."""
         order = list(runs) if rep % 2 == 0 else list(reversed(runs))
-        where = {"tool": self.tool, "lower_bound": self.lb, "per_statement": self.ls}
+        where = {
+            "tool": self.tool,
+            "lower_bound": self.lb,
+            "per_statement": self.ls,
+            "with_log": self.lf,
+        }
         for side in order:
             settle((self.tool if same_db else where[side]).admin)
             seconds = self.timed(runs[side])
@@ -471,6 +515,7 @@ class Bench:
             runs = {
                 "lower_bound": self.pool(self.lb, one_round_trip(texts)),
                 "per_statement": self.pool(self.ls, per_statement(statements_of(files))),
+                "with_log": self.pool(self.lf, with_log(texts, [p.stem for p in files], True)),
                 "tool": self.tool_apply(self.n),
             }
             self.interleaved(scenario, runs, rep)
@@ -491,6 +536,7 @@ class Bench:
             runs = {
                 "lower_bound": self.pool(self.lb, one_round_trip([path.read_text()])),
                 "per_statement": self.pool(self.ls, per_statement(statements_of([path]))),
+                "with_log": self.pool(self.lf, with_log([path.read_text()], [path.stem], False)),
                 "tool": self.tool_apply(self.n),
             }
             self.interleaved(scenario, runs, rep)
@@ -627,7 +673,7 @@ class Bench:
 
         for schema in {self.schemas[0], self.schemas[-1]}:
             expected = shape(self.tool, schema)
-            for database in (self.lb, self.ls):
+            for database in (self.lb, self.ls, self.lf):
                 assert shape(database, schema) == expected, (database.name, schema)
 
     def close(self) -> None:
@@ -691,6 +737,10 @@ def start_server(workdir: Path, synchronous_commit: str = "off"):
     admin = Admin(params)
     try:
         admin.execute("ALTER SYSTEM SET synchronous_commit = %s", (synchronous_commit,))
+        # Each round creates thousands of schemas in several databases; autovacuum then picked
+        # its own moment to clean their catalogs, slowing whichever run came first by up to 2x.
+        # settle() vacuums the catalogs before every measured run instead.
+        admin.execute("ALTER SYSTEM SET autovacuum = off")
         admin.execute("SELECT pg_reload_conf()")
         admin.execute(f"CREATE DATABASE {ident(TEMPLATE)}")
     finally:

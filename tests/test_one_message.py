@@ -1,13 +1,27 @@
 """The one-message path for up-to-date tenants: it must never act on a stale view."""
 
+import threading
+import time
+
 import pytest
 
-from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant
+from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant, schema_for
 from yoyo_tenants.commands import load_migrations
 from yoyo_tenants.db import open_backend
+from yoyo_tenants.log import Log
 from yoyo_tenants.runner import SchemaResult, apply_schema, scan
 
-from .conftest import Admin, applied_ids, columns, query, write_migration
+from .conftest import (
+    TENANT_IDS,
+    TENANT_TABLES,
+    YOYO_TABLES,
+    Admin,
+    applied_ids,
+    columns,
+    query,
+    tables,
+    write_migration,
+)
 
 ADD = "20300101000000_add_nickname"
 
@@ -25,10 +39,10 @@ def tenant(project):
     return tenant
 
 
-def apply_with(project, database, schema, known):
+def apply_with(project, database, schema, known, tables_ready=True):
     backend = open_backend(database)
     try:
-        backend.use_schema(schema, tables_ready=True)
+        backend.use_schema(schema, tables_ready=tables_ready)
         return apply_schema(backend, load_migrations(project.tenant_dir), SchemaResult(schema),
                             known=known)  # fmt: skip
     finally:
@@ -80,3 +94,31 @@ def test_a_failing_migration_is_still_named_after_the_one_message_attempt(
     assert result.migrations == [ADD]
     assert result.failed_migration == "20300101000100_broken"
     assert applied_ids(database, tenant.schema)[-1] == ADD
+
+
+def test_a_fresh_schema_gets_its_log_table_its_migrations_and_log_rows_in_one_go(project, database):
+    migrate_master(project)
+    query(database, "CREATE SCHEMA tid_0000000001")
+    result = apply_with(project, database, "tid_0000000001", known=Log([]), tables_ready=False)
+    assert result.error is None and result.migrations == TENANT_IDS
+    assert tables(database, "tid_0000000001") == TENANT_TABLES | YOYO_TABLES
+    rows = query(database, "SELECT id, migration_id, operation, batch FROM "
+                 "tid_0000000001._yoyo_log ORDER BY id")  # fmt: skip
+    assert rows == [(k, m, "apply", 1) for k, m in enumerate(TENANT_IDS, 1)]
+
+
+def test_a_new_org_whose_schema_another_session_holds_waits_for_it(project, database):
+    migrate_master(project)
+    schema = schema_for("org_waiting1")
+    with Admin(database) as holder:
+        holder.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"yoyo-tenants:{schema}",)
+        )
+        release = threading.Timer(1.0, holder.execute, ("SELECT pg_advisory_unlock_all()",))
+        release.start()
+        started = time.monotonic()
+        done = provision_tenant(project, "org_waiting1", lock_wait=30)
+        release.join()
+    assert time.monotonic() - started >= 0.9  # it waited instead of going ahead
+    assert done.created and done.migrations == TENANT_IDS
+    assert applied_ids(database, schema) == TENANT_IDS

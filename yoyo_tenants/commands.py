@@ -43,10 +43,39 @@ PUBLIC = "public"
 OnResult = Callable[[SchemaResult], None]
 
 
+#: Migration folders already read: path -> (what its files were, what they said).
+_loaded: dict[Path, tuple[tuple, MigrationList]] = {}
+#: Files changed this recently are read again: a file rewritten within the file system's clock
+#: tick keeps its time stamp (git calls such entries racy).
+RACY_NS = 2_000_000_000
+
+
 def load_migrations(directory: Path) -> MigrationList:
-    """Read and parse every migration in `directory` once, for all the schemas of a run."""
+    """Read and parse every migration in `directory`, once for all the schemas of a run.
+
+    Kept while the folder's files stay as they are, so a program that provisions tenants as
+    organizations sign up parses them once, not at every signup (yoyo's SQL parsing costs about
+    as much as creating a tenant's tables).
+    """
     if not directory.is_dir():
         raise NotReady(f"migrations folder {directory} does not exist")
+    directory = directory.resolve()
+    files = _files(directory)
+    cached = _loaded.get(directory)
+    if cached and cached[0] == files:
+        return cached[1]
+    migrations = _read(directory)
+    if all(time.time_ns() - mtime > RACY_NS for _, _, mtime in files):
+        _loaded[directory] = (files, migrations)
+    return migrations
+
+
+def _files(directory: Path) -> tuple:
+    entries = [(e.name, e.stat()) for e in os.scandir(directory) if e.is_file()]
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in entries))
+
+
+def _read(directory: Path) -> MigrationList:
     migrations = read_migrations(str(directory))
     for migration in [*migrations, *migrations.post_apply]:
         try:
