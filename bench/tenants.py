@@ -29,6 +29,12 @@ applied): same catalogs, same small data directory, whichever side runs. Each me
 after a VACUUM of the catalogs and a CHECKPOINT; the sides alternate in order; fresh and
 incremental keep the better of --repeat runs.
 
+The server keeps its files in memory (/dev/shm) unless --data-dir says otherwise: a fresh run
+creates tens of thousands of files and a round drops as many, and on the project's virtual disk
+(ext4 with discard) identical runs of the lower bound took anywhere from 2.5 to 9 s; in memory,
+2.5 to 3.2 s. That is the same for both sides, and it makes the DDL cheaper, so per-schema
+overhead weighs more in the ratios, not less.
+
 The server runs with synchronous_commit off unless --synchronous-commit on: both sides commit
 once per schema, and on a shared virtual disk the wait for a commit's fsync varies several-fold
 from one run to the next, drowning the per-schema overhead being measured. With it on the numbers
@@ -82,6 +88,8 @@ CATALOGS = (
     "public.tenants",
 )  # fmt: skip
 
+#: Memory-backed, where the server's files go by default (see the module docstring).
+RAM_DIR = "/dev/shm"
 #: Ratio to the lower bound (or seconds, for no-op) that each scenario should stay within.
 TARGETS = {"fresh": 1.3, "incremental": 1.3, "no-op": 1.5, "provision": 1.5}
 
@@ -721,6 +729,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check", action="store_true", help="exit with status 1 if a target is missed"
     )
+    parser.add_argument(
+        "--data-dir",
+        default=RAM_DIR if os.access(RAM_DIR, os.W_OK) else None,
+        help=f"where the server keeps its data (default {RAM_DIR}, in memory, if writable; "
+        "see the module docstring)",
+    )
     args = parser.parse_args(argv)
     for name in ("tenants", "jobs", "repeat", "noop_runs", "provision_runs"):
         if getattr(args, name) < 1:
@@ -750,7 +764,7 @@ def start_server(workdir: Path, synchronous_commit: str = "off"):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="yoyo-tenants-bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix="yoyo-tenants-bench-", dir=args.data_dir))
     server = None
     try:
         log(f"starting PostgreSQL in {workdir}")
@@ -779,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\nyoyo-tenants bench: {args.tenants} tenants, {args.jobs} jobs, "
         f"{machine['cpu_count']} CPUs, PostgreSQL {machine['postgresql']} "
-        f"(synchronous_commit {args.synchronous_commit}), "
+        f"(synchronous_commit {args.synchronous_commit}, data in {args.data_dir or 'temp'}), "
         f"load average {machine['loadavg_start'][0]} -> {machine['loadavg_end'][0]}\n"
     )
     print(table(scenarios))
@@ -805,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "jobs": args.jobs,
             "tenant_migrations": TENANT_MIGRATIONS,
             "synchronous_commit": args.synchronous_commit,
+            "data_dir": args.data_dir,
             "machine": machine,
             "scenarios": [s.as_json() for s in scenarios],
         }
