@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 import psycopg2
 from psycopg2 import sql
@@ -175,10 +176,8 @@ def apply_schema(
 
 def _one_message(backend, migrations, result, options, known: Log) -> bool:
     """The common case in one round trip; False (with nothing changed) to take the long way."""
-    todo = pending(migrations, known.applied)
-    if not fits_one_message(todo, migrations) or (
-        not options.allow_drift and drift(known.applied, migrations)
-    ):
+    todo = _one_message_todo(migrations, known.applied, options.allow_drift)
+    if not todo:
         return False
     started = time.perf_counter()
     batch = max((row.batch for row in known.applied), default=0) + 1
@@ -187,6 +186,28 @@ def _one_message(backend, migrations, result, options, known: Log) -> bool:
     result.migrations = [m.id for m in todo]
     result.duration = time.perf_counter() - started
     return True
+
+
+_one_message_plans: WeakKeyDictionary[MigrationList, dict] = WeakKeyDictionary()
+
+
+def _one_message_todo(
+    migrations: MigrationList, applied: Sequence[AppliedMigration], allow_drift: bool
+) -> list[Migration]:
+    """What to apply in one message to a schema whose log says `applied`; [] if it does not fit
+    one message or the schema has drift. The same for every schema whose log reads alike, so
+    worked out once a run for each such log, not once per schema."""
+    plans = _one_message_plans.setdefault(migrations, {})
+    key = (allow_drift, tuple((row.migration_id, row.checksum) for row in applied))
+    todo = plans.get(key)
+    if todo is None:
+        todo = pending(migrations, applied)
+        if not fits_one_message(todo, migrations) or (
+            not allow_drift and drift(applied, migrations)
+        ):
+            todo = []
+        plans[key] = todo
+    return todo
 
 
 def fits_one_message(todo: Sequence[Migration], migrations: MigrationList) -> bool:
@@ -411,47 +432,55 @@ def run_schemas(
     work = list(work)
     run = RunResult(direction, jobs=jobs)
     started = time.perf_counter()
-    local = threading.local()
-    backends: list[TenantBackend] = []
-    lock = threading.Lock()
+    queue = iter(work)
+    take = threading.Lock()
 
-    def run_one(result: SchemaResult) -> SchemaResult:
-        if stop.is_set():
-            result.skipped = True
-            return result
-        backend = getattr(local, "backend", None)
-        if backend is None:
-            backend = local.backend = open_backend(params, result.schema)
-            backend.lock_timeout = options.lock_timeout
-            backend.statement_timeout = options.statement_timeout
-            with lock:
-                backends.append(backend)
-        backend.use_schema(result.schema, tables_ready(result.schema))
+    def worker() -> None:
+        """Take schemas one at a time until none are left, on one connection for them all."""
+        backend = None
         try:
-            action(backend, result)
-        except TenantsError as exc:  # about this schema only: the rest go on
-            result.error = str(exc)
-        except psycopg2.Error as exc:
-            # Outside any one migration (a deadlock at commit, a dropped connection): this schema
-            # failed and its transaction is gone; the next schema gets a fresh connection.
-            result.error = error_text(exc)
-            local.backend = None
-            with lock:
-                backends.remove(backend)
-            backend.connection.close()
-        if result.error and fail_fast:
-            stop.set()
-        if on_result:
-            on_result(result)
-        return result
+            while (result := _next(queue, take)) is not None:
+                if stop.is_set():
+                    result.skipped = True
+                    continue
+                if backend is None:
+                    backend = open_backend(params, result.schema)
+                    backend.lock_timeout = options.lock_timeout
+                    backend.statement_timeout = options.statement_timeout
+                backend.use_schema(result.schema, tables_ready(result.schema))
+                try:
+                    action(backend, result)
+                except TenantsError as exc:  # about this schema only: the rest go on
+                    result.error = str(exc)
+                except psycopg2.Error as exc:
+                    # Outside any one migration (a deadlock at commit, a dropped connection):
+                    # this schema failed and its transaction is gone; the next schema gets a
+                    # fresh connection.
+                    result.error = error_text(exc)
+                    backend.connection.close()
+                    backend = None
+                if result.error and fail_fast:
+                    stop.set()
+                if on_result:
+                    on_result(result)
+        except BaseException:
+            stop.set()  # a worker that cannot connect ends the run
+            raise
+        finally:
+            if backend is not None:
+                backend.connection.close()
 
     with stop_on_signals() as stop:
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(work)))) as pool:
-                run.schemas = list(pool.map(run_one, work))
-        finally:
-            for backend in backends:
-                backend.connection.close()
+        workers = max(1, min(jobs, len(work)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(worker) for _ in range(workers)]:
+                future.result()
         run.interrupted = stop.signalled
+    run.schemas = work
     run.duration = time.perf_counter() - started
     return run
+
+
+def _next(queue: Iterator[SchemaResult], lock: threading.Lock) -> SchemaResult | None:
+    with lock:
+        return next(queue, None)
