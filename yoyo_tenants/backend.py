@@ -30,7 +30,6 @@ from datetime import datetime, timezone
 from functools import cache
 
 from psycopg2 import sql
-from psycopg2.extensions import AsIs
 from yoyo import exceptions
 from yoyo.backends.core.postgresql import PostgresqlBackend
 from yoyo.migrations import Migration, default_migration_table
@@ -116,7 +115,7 @@ class TenantBackend(PostgresqlBackend):
         self._elided: set[str] = set()
         self._names: dict[str, str] = {}
         self._records: list[bytes] | None = None
-        self._messages: dict[tuple[Migration, ...], tuple[bytes, AsIs]] = {}
+        self._messages: dict[tuple[Migration, ...], tuple[bytes, str]] = {}
         super().__init__(dburi, migration_table)
         self.use_schema(self.schema)
 
@@ -244,8 +243,8 @@ class TenantBackend(PostgresqlBackend):
         parts += [
             body,
             cursor.mogrify(
-                self._sql(log.INSERT_APPLIED_SQL),
-                {"rows": rows, "position": position, "batch": batch, **_log_identity()},
+                self._sql(log.GUARDED_INSERT_SQL) + rows,
+                {"position": position, "batch": batch, **_log_identity()},
             ),
             b"COMMIT",
         ]
@@ -257,21 +256,26 @@ class TenantBackend(PostgresqlBackend):
         self._internal_schema_updated = True
         return True
 
-    def _message_parts(self, migrations: tuple[Migration, ...]) -> tuple[bytes, AsIs]:
+    def _message_parts(self, migrations: tuple[Migration, ...]) -> tuple[bytes, str]:
         """The parts of a one-message apply that are the same in every schema, made once a run:
-        the files' text, and the VALUES rows of their log rows."""
+        the files' text, and the VALUES of their log rows (for mogrify: % is escaped)."""
         parts = self._messages.get(migrations)
         if parts is None:
             cursor = self.cursor()
+            encoding = self.connection.encoding_name
+
+            def literal(value: str) -> str:
+                return cursor.mogrify("%s", (value,)).decode(encoding).replace("%", "%%")
+
             # A newline before each separator: a file may end in a -- comment.
             body = "\n;\n".join(m.source for m in migrations) + "\n"
-            rows = b", ".join(
-                cursor.mogrify("(%s, %s, %s)", (k, m.id, migration_checksum(m)))
+            rows = ", ".join(
+                log.APPLIED_ROW_SQL.format(
+                    k=k, migration_id=literal(m.id), checksum=literal(migration_checksum(m))
+                )
                 for k, m in enumerate(migrations, 1)
             )
-            encoding = self.connection.encoding_name
-            parts = (body.encode(encoding), AsIs(rows.decode(encoding)))
-            self._messages[migrations] = parts
+            parts = self._messages[migrations] = (body.encode(encoding), rows)
         return parts
 
     def list_tables(self, **kwargs):
