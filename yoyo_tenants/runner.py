@@ -4,6 +4,10 @@ The unit of work is one schema: one transaction under the schema's advisory lock
 migration. A failing migration is rolled back to its savepoint and the migrations before it commit,
 so every schema is always at a migration boundary, even if the process is killed. Many schemas run
 on a bounded pool of worker connections, one connection per worker for the whole run.
+
+The common case, plain SQL migrations, is first tried in one message per schema (one round trip,
+no savepoints); if anything in it fails, nothing of it stays and the schema takes the careful
+way above, which names the migration that failed.
 """
 
 from __future__ import annotations
