@@ -139,8 +139,15 @@ class TenantBackend(PostgresqlBackend):
         self.batch = None
         self._internal_schema_updated = tables_ready
         self._names = {
-            # Every statement naming it runs with parameters, where % is special.
-            "log": self.qualified(log.TABLE).replace("%", "%%"),
+            # Every statement naming them runs with parameters, where % is special.
+            **{
+                name: self.qualified(table).replace("%", "%%")
+                for name, table in (
+                    ("log", log.TABLE),
+                    ("old", log.OLD_TABLE),
+                    ("version", "_yoyo_version"),
+                )
+            },
             # public stays second so that extension types installed there (pgvector) resolve.
             "search_path": "public"
             if schema == "public"
@@ -159,7 +166,7 @@ class TenantBackend(PostgresqlBackend):
         return sql.Identifier(self.schema, table).as_string(self.connection)
 
     def _sql(self, template: str) -> str:
-        return template.format(log=self._names["log"])
+        return template.format(**self._names)
 
     def init_database(self):
         # yoyo creates a lock table and probes transactional DDL with a scratch table here, for
@@ -197,15 +204,7 @@ class TenantBackend(PostgresqlBackend):
         self._in_transaction = True
         self._records = []
         try:
-            cursor = self.cursor()
-            query, params = self._lock_query(wait, read)
-            try:
-                cursor.execute("BEGIN; " + query, params)
-            except self.driver.errors.LockNotAvailable as exc:
-                raise LockBusy(f"schema {self.schema} is locked by another run") from exc
-            if read:
-                self._internal_schema_updated = True
-            yield Log.from_rows(cursor.fetchall()).applied if read else []
+            yield self._lock(wait, read, begin=True)
             records, self._records = self._records, None
             self.cursor().execute(b"; ".join([*records, b"COMMIT"]))
             self._in_transaction = False
@@ -285,31 +284,31 @@ class TenantBackend(PostgresqlBackend):
 
     def lock_schema(self, wait: float | None = None, read: bool = True) -> list[AppliedMigration]:
         """Take this schema's advisory lock for the current transaction, waiting at most `wait`
-        seconds, and (if `read`) return the schema's applied migrations as they are under it.
-
-        It is one round trip (with the migration tables created first when needed): at
-        thousands of schemas, round trips are what a run costs.
-        """
+        seconds, and (if `read`) return the schema's applied migrations as they are under it."""
         assert self._in_transaction
+        return self._lock(wait, read)
+
+    def _lock(self, wait: float | None, read: bool, begin: bool = False) -> list[AppliedMigration]:
+        # One round trip (BEGIN, the lock, the log) once the log table is known to be there: at
+        # thousands of schemas, round trips are what a run costs.
+        ready = self._internal_schema_updated
+        wait = self.lock_wait if wait is None else wait
+        statements = [*(["BEGIN"] if begin else []), self.lock_sql]
+        if read and ready:
+            statements.append(self._sql(log.ROWS_SQL))
         cursor = self.cursor()
         try:
-            cursor.execute(*self._lock_query(wait, read))
+            cursor.execute(
+                "; ".join(statements), {**self._lock_params(), "wait": _ms(wait) if wait else "1ms"}
+            )
         except self.driver.errors.LockNotAvailable as exc:
             raise LockBusy(f"schema {self.schema} is locked by another run") from exc
         if not read:
             return []
-        self._internal_schema_updated = True
+        if not ready:
+            self.create_internal_tables()
+            cursor = self.execute(self._sql(log.ROWS_SQL))
         return Log.from_rows(cursor.fetchall()).applied
-
-    def _lock_query(self, wait: float | None, read: bool) -> tuple[str, dict]:
-        wait = self.lock_wait if wait is None else wait
-        statements = [self.lock_sql]
-        if read and not self._internal_schema_updated:
-            statements.append(self._sql(log.CREATE_SQL))
-        if read:
-            statements.append(self._sql(log.ROWS_SQL))
-        params = {**self._lock_params(), "wait": _ms(wait) if wait else "1ms"}
-        return "; ".join(statements), params
 
     def _lock_params(self) -> dict[str, str]:
         return {
@@ -365,8 +364,9 @@ class TenantBackend(PostgresqlBackend):
         self._internal_schema_updated = True
 
     def create_internal_tables(self) -> None:
-        """Create the schema's log table, if it is not there."""
-        self.execute(self._sql(log.CREATE_SQL))
+        """Create the schema's log table if it is not there, or convert yoyo's tables to it."""
+        old = self.execute("SELECT to_regclass(:old)", {"old": self.qualified(log.OLD_TABLE)})
+        self.execute(self._sql(log.UPGRADE_SQL if old.fetchone()[0] else log.CREATE_SQL))
         self._internal_schema_updated = True
 
     def applied(self) -> list[AppliedMigration]:

@@ -39,6 +39,7 @@ from .settings import Settings
 #: Tenants migrated at once unless --jobs says otherwise.
 DEFAULT_JOBS = min(8, 2 * (os.cpu_count() or 2))
 PUBLIC = "public"
+OLD_LAYOUT = "keeps yoyo's migration tables, which the next migrate converts to one log"
 
 OnResult = Callable[[SchemaResult], None]
 
@@ -198,7 +199,7 @@ def rollback_tenants(
     return _run_tenants(
         settings,
         tenant,
-        lambda state: bool(state.applied),
+        lambda state: bool(state.applied) or state.old_layout,
         lambda backend, result, state: rollback_schema(backend, migrations, result, target, opts),
         partial(plan_rollback, migrations=migrations, target=target) if dry_run else None,
         RunResult("rollback", jobs=jobs),
@@ -298,6 +299,8 @@ def _dry_run(params, tenants, plan, direction: str, cursor=None) -> RunResult:
         result = SchemaResult(t.schema, t.org_id)
         if not states[t.schema].exists:
             result.error = f"schema {t.schema} does not exist"
+        elif states[t.schema].old_layout:
+            result.error = f"{t.schema} keeps yoyo's tables, which a real run converts first"
         else:
             try:
                 plan(states[t.schema], result)
@@ -320,6 +323,7 @@ class SchemaStatus:
     pending: list[str]
     unknown: list[str]  # applied, but no such file any more
     changed: list[str] = field(default_factory=list)  # applied, and the file changed since
+    old_layout: bool = False  # keeps yoyo's tables: the next migrate converts them
 
     @property
     def drift(self) -> list[str]:
@@ -331,6 +335,8 @@ class SchemaStatus:
     def state(self) -> str:
         if not self.exists:
             return "schema missing"
+        if self.old_layout:
+            return "old layout"
         if self.changed or self.unknown:
             return "drift"
         if not self.applied and not self.unknown:
@@ -378,6 +384,7 @@ def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList
         schema=schema,
         org_id=org_id,
         exists=state.exists,
+        old_layout=state.old_layout,
         applied=[m.id for m in migrations if m.hash in applied],
         pending=[m.id for m in migrations if m.hash not in applied],
         unknown=[row.migration_id for row in state.applied if row.migration_hash not in files],
@@ -402,9 +409,13 @@ def verify(settings: Settings) -> list[str]:
     """
     report = status(settings)
     problems = [f"public: {p}" for p in report.master.drift]
+    if report.master.old_layout:
+        problems.append(f"public: {OLD_LAYOUT} (run invoke migrate-master)")
     for t in report.tenants:
         if not t.exists:
             problems.append(f"{t.org_id}: schema {t.schema} is missing")
+        elif t.old_layout:
+            problems.append(f"{t.org_id} ({t.schema}): {OLD_LAYOUT} (run invoke migrate-tenants)")
         problems += [f"{t.org_id} ({t.schema}): {p}" for p in t.drift]
     connection = connect(server_params(settings))
     try:

@@ -45,6 +45,22 @@ CREATE_SQL = """
         created_at_utc TIMESTAMP NOT NULL
     )
 """
+#: What yoyo keeps (and yoyo-tenants 0.1 kept, with batch and checksum columns): a table of the
+#: migrations applied, beside yoyo's log of operations and a version table.
+OLD_TABLE = "_yoyo_migration"
+#: That layout to this one, in the caller's transaction: each applied migration becomes an apply
+#: row, in the order 0.1 read them; yoyo's log is kept, renamed, as history.
+UPGRADE_SQL = (
+    "ALTER TABLE {old} ADD COLUMN IF NOT EXISTS batch INTEGER NOT NULL DEFAULT 0; "
+    "ALTER TABLE {old} ADD COLUMN IF NOT EXISTS checksum VARCHAR(64); "
+    "ALTER TABLE IF EXISTS {log} RENAME TO _yoyo_log_v1; "
+    f"{CREATE_SQL}; "
+    "INSERT INTO {log} (id, migration_id, operation, batch, checksum, created_at_utc) "
+    "SELECT row_number() OVER (ORDER BY batch, applied_at_utc, migration_id), migration_id, "
+    "'apply', batch, checksum, coalesce(applied_at_utc, timezone('UTC', now())) FROM {old}; "
+    "DROP TABLE {old}; "
+    "DROP TABLE IF EXISTS {version}"
+)
 INSERT_SQL = (
     "INSERT INTO {log} (id, migration_id, operation, batch, checksum, username, hostname, "
     "created_at_utc) SELECT coalesce(max(id), 0) + 1, %(migration_id)s, %(operation)s, "

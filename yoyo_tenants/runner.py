@@ -349,6 +349,7 @@ class SchemaState:
 
     exists: bool = False
     tables_ready: bool = False  # its log table is there, in the current layout
+    old_layout: bool = False  # it keeps yoyo's tables, which a run converts (see log.UPGRADE_SQL)
     log: Log = field(default_factory=lambda: Log([]))
 
     @property
@@ -365,16 +366,17 @@ def scan(cursor, schemas: Sequence[str]) -> dict[str, SchemaState]:
     states = {schema: SchemaState() for schema in schemas}
     cursor.execute(
         """
-        SELECT n.nspname, a.attname IS NOT NULL
+        SELECT n.nspname, a.attname IS NOT NULL,
+            EXISTS (SELECT 1 FROM pg_class o WHERE o.relnamespace = n.oid AND o.relname = %s)
         FROM pg_namespace n
         LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %s
         LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped
         WHERE n.nspname = ANY(%s)
         """,
-        (log.TABLE, log.LAYOUT_COLUMN, list(schemas)),
+        (log.OLD_TABLE, log.TABLE, log.LAYOUT_COLUMN, list(schemas)),
     )
-    for name, ready in cursor.fetchall():
-        states[name].exists, states[name].tables_ready = True, ready
+    for name, ready, old in cursor.fetchall():
+        states[name].exists, states[name].tables_ready, states[name].old_layout = True, ready, old
     ready = [schema for schema in schemas if states[schema].tables_ready]
     rows: dict[str, list[tuple]] = {schema: [] for schema in ready}
     for start in range(0, len(ready), SCAN_CHUNK):
