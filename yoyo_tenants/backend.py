@@ -138,21 +138,19 @@ class TenantBackend(PostgresqlBackend):
         self.schema = check_schema_name(schema)
         self.batch = None
         self._internal_schema_updated = tables_ready
+        # Quoted once per schema: at thousands of schemas, quoting is a good part of the client's
+        # work. Every statement naming these runs with parameters, where % is special.
+        quoted = sql.Identifier(schema).as_string(self.connection)
         self._names = {
-            # Every statement naming them runs with parameters, where % is special.
-            **{
-                name: self.qualified(table).replace("%", "%%")
-                for name, table in (
-                    ("log", log.TABLE),
-                    ("old", log.OLD_TABLE),
-                    ("version", "_yoyo_version"),
-                )
-            },
-            # public stays second so that extension types installed there (pgvector) resolve.
-            "search_path": "public"
-            if schema == "public"
-            else sql.SQL("{}, public").format(sql.Identifier(schema)).as_string(self.connection),
+            name: f"{quoted}.{table}".replace("%", "%%")
+            for name, table in (
+                ("log", f'"{log.TABLE}"'),
+                ("old", f'"{log.OLD_TABLE}"'),
+                ("version", '"_yoyo_version"'),
+            )
         }
+        # public stays second so that extension types installed there (pgvector) resolve.
+        self._search_path = "public" if schema == "public" else f"{quoted}, public"
 
     def format_sql(self, s, **kwargs):
         # As yoyo's, without defining a class on every call.
@@ -160,7 +158,7 @@ class TenantBackend(PostgresqlBackend):
 
     @property
     def search_path(self) -> str:
-        return self._names["search_path"]
+        return self._search_path
 
     def qualified(self, table: str) -> str:
         return sql.Identifier(self.schema, table).as_string(self.connection)
