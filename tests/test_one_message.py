@@ -122,3 +122,29 @@ def test_a_new_org_whose_schema_another_session_holds_waits_for_it(project, data
     assert time.monotonic() - started >= 0.9  # it waited instead of going ahead
     assert done.created and done.migrations == TENANT_IDS
     assert applied_ids(database, schema) == TENANT_IDS
+
+
+def test_files_with_percent_signs_quotes_and_a_last_comment_go_in_one_message_as_they_are(
+    project, database, tenant
+):
+    write_migration(
+        project.tenant_dir,
+        "20300101000100_odd_text",
+        "CREATE TABLE odd (t TEXT);\n"
+        "INSERT INTO odd VALUES ('100%'), ('\"it''s\" %s %(x)s');\n"
+        "-- a comment with no newline after it",
+    )
+    known = known_applied(database, tenant.schema)
+    migrations = load_migrations(project.tenant_dir)
+    backend = open_backend(database)
+    try:
+        backend.use_schema(tenant.schema, tables_ready=True)
+        by_id = {m.id: m for m in migrations}
+        todo = [by_id["20300101000100_odd_text"], by_id[ADD]]  # the comment, then more SQL
+        assert backend.apply_in_one_message(todo, known.position, batch=2)  # not the long way
+    finally:
+        backend.connection.close()
+    rows = query(database, f"SELECT t FROM {tenant.schema}.odd ORDER BY t")
+    assert rows == [('"it\'s" %s %(x)s',), ("100%",)]
+    assert "nickname" in columns(database, tenant.schema, "org_users")
+    assert applied_ids(database, tenant.schema)[-2:] == ["20300101000100_odd_text", ADD]
