@@ -165,7 +165,7 @@ def apply_schema(
             result.error += " (fix the files, or pass --allow-drift)"
             return []
         if batch is None:  # one batch for the whole run, even when it takes several transactions
-            batch = max((row.batch for row in applied), default=0) + 1
+            batch = next_batch(applied)
         backend.batch = batch
         return pending(migrations, applied)
 
@@ -184,7 +184,7 @@ def _one_message(backend, migrations, result, options, known: Log) -> bool:
     if not todo:
         return False
     started = time.perf_counter()
-    batch = max((row.batch for row in known.applied), default=0) + 1
+    batch = next_batch(known.applied)
     if not backend.apply_in_one_message(todo, known.position, batch):
         return False
     result.migrations = [m.id for m in todo]
@@ -285,6 +285,11 @@ def _migrate(backend, result, options, choose, in_transaction, alone, after=None
     finally:
         result.duration = time.perf_counter() - started
     return result
+
+
+def next_batch(applied: Sequence[AppliedMigration]) -> int:
+    """The batch a run records with what it applies to a schema whose log says `applied`."""
+    return max((row.batch for row in applied), default=0) + 1
 
 
 def pending(migrations: MigrationList, applied: Sequence[AppliedMigration]) -> list[Migration]:
