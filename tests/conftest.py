@@ -156,3 +156,74 @@ def write_migration(directory: Path, migration_id: str, apply: str, rollback: st
     (directory / f"{migration_id}.sql").write_text(apply)
     if rollback is not None:
         (directory / f"{migration_id}.rollback.sql").write_text(rollback)
+
+
+# -- a server that logs every message it receives --------------------------------------------------
+
+#: Starts each log entry, so that entries spanning lines (multi-line messages) split cleanly.
+ENTRY = "@@entry@@ "
+
+
+class StatementLog:
+    """The messages a server received (log_statement = all), read from its log file: one entry
+    per simple-protocol message, which is what psycopg2 sends for each execute()."""
+
+    def __init__(self, server):
+        self.server = server
+        self.start = 0
+
+    def mark(self) -> None:
+        """Forget what was logged so far."""
+        self.start = self.server.log_file.stat().st_size
+
+    def messages(self, application: str = "yoyo-tenants") -> list[str]:
+        """The messages logged since mark() from connections named `application`."""
+        return [text for _, text in self._entries(application)]
+
+    def connections(self, application: str = "yoyo-tenants") -> dict[str, list[str]]:
+        """The same, by the server process (one per connection) that received them."""
+        found: dict[str, list[str]] = {}
+        for pid, text in self._entries(application):
+            found.setdefault(pid, []).append(text)
+        return found
+
+    def _entries(self, application: str) -> list[tuple[str, str]]:
+        with self.server.log_file.open("rb") as f:
+            f.seek(self.start)
+            text = f.read().decode("utf-8", errors="replace")
+        found = []
+        for entry in text.split(ENTRY)[1:]:
+            name, pid, rest = entry.split(" ", 2)
+            if name == application and rest.startswith("LOG:  statement: "):
+                found.append((pid, rest.removeprefix("LOG:  statement: ").rstrip("\n")))
+        return found
+
+
+@pytest.fixture(scope="session")
+def logging_server():
+    """A second PostgreSQL for this run that logs every statement it is sent."""
+    from .servers import postgres
+
+    settings = {
+        "log_statement": "all",
+        "log_line_prefix": ENTRY + "%a %p ",
+        "log_min_messages": "warning",
+        "lc_messages": "C",
+    }
+    with postgres(settings=settings) as server:
+        yield server
+
+
+@pytest.fixture
+def traced(tmp_path, logging_server):
+    """A project on a fresh database of the logging server, and its StatementLog."""
+    params = logging_server.socket_params()
+    with new_database(params) as name:
+        copy_migrations(tmp_path)
+        settings = Settings(
+            root=tmp_path,
+            connection={**params, "dbname": name, "application_name": "yoyo-tenants"},
+            master_dir=tmp_path / "migrations" / "master",
+            tenant_dir=tmp_path / "migrations" / "tenant",
+        )
+        yield settings, StatementLog(logging_server)

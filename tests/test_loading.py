@@ -4,7 +4,7 @@ import os
 import time
 
 from yoyo_tenants import migrate_master, provision_tenant
-from yoyo_tenants.commands import load_migrations
+from yoyo_tenants.loading import load_migrations
 
 from .conftest import columns, write_migration
 

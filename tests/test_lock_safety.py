@@ -61,12 +61,12 @@ def test_blocked_alter_times_out_retries_and_fails_only_that_tenant(project, dat
         app.close()
 
     by_org = {r.org_id: r for r in run.schemas}
-    assert by_org[free.org_id].status == "done"
+    assert by_org[free.org_id].outcome == "done"
     assert "nickname" in columns(database, free.schema, "org_users")
     failed = by_org[locked.org_id]
-    assert failed.status == "failed"
-    assert failed.failed_migration == "20300101000000_add_nickname"
-    assert "lock timeout" in failed.error and "after 1 retries" in failed.error
+    assert failed.outcome == "failed"
+    assert failed.failure.migration == "20300101000000_add_nickname"
+    assert "lock timeout" in str(failed.failure) and "after 1 retries" in str(failed.failure)
     assert failed.retries == 1
     assert "nickname" not in columns(database, locked.schema, "org_users")
     assert "20300101000000_add_nickname" not in applied_ids(database, locked.schema)
@@ -81,8 +81,8 @@ def test_statement_timeout_stops_a_slow_migration(project, database, tenants):
     run = migrate_tenants(project, tenant=ORGS[0], statement_timeout=0.2)
     assert time.monotonic() - started < 2.5
     [result] = [r for r in run.schemas if r.org_id == ORGS[0]]
-    assert result.status == "failed"
-    assert "statement timeout" in result.error
+    assert result.outcome == "failed"
+    assert "statement timeout" in str(result.failure)
     assert "20300101000000_slow" not in applied_ids(database, tenants[0].schema)
 
 

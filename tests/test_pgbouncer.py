@@ -184,8 +184,8 @@ def test_tenant_migrations_through_a_transaction_pooler_stay_in_their_schemas(
         observer.join(10)
     assert observer.error is None, observer.error
 
-    assert run.ok, [(r.schema, r.error) for r in run.schemas]
-    assert [r.status for r in run.schemas] == ["done"] * len(ORGS)
+    assert run.ok, [(r.schema, r.failure) for r in run.schemas]
+    assert [r.outcome for r in run.schemas] == ["done"] * len(ORGS)
     assert all(r.migrations == [NEW_MIGRATION] for r in run.schemas)
 
     # The other client never saw a tenant's search_path, nor the runs' lock or statement timeouts.
@@ -233,7 +233,7 @@ def test_tenant_migrations_through_a_transaction_pooler_stay_in_their_schemas(
 
     # A second run through the pooler finds every tenant at head.
     again = tenants.migrate_tenants(settings, jobs=4)
-    assert [r.status for r in again.schemas] == ["up to date"] * len(ORGS)
+    assert [r.outcome for r in again.schemas] == ["up to date"] * len(ORGS)
 
 
 def test_status_through_the_pooler_leaves_the_default_search_path(settings, bouncer, dbname):

@@ -116,7 +116,7 @@ def test_rollback_tenants_undoes_only_the_last_batch(two_batches):
     result = run.schemas[0]
     assert (result.schema, result.org_id) == (schema, ORG_A)
     assert result.migrations == [NOTES, NICKNAME]  # newest first, as they were undone
-    assert result.status == "done"
+    assert result.outcome == "done"
 
 
 def test_a_second_rollback_undoes_the_batch_before(two_batches):
@@ -227,7 +227,7 @@ def test_rollback_to_the_newest_migration_changes_nothing(two_batches):
     run = rollback_tenants(two_batches, to=NOTES, jobs=1)
     assert run.ok
     assert run.schemas[0].migrations == []
-    assert run.schemas[0].status == "up to date"
+    assert run.schemas[0].outcome == "up to date"
     assert applied_ids(db, schema) == [*TENANT_IDS, *SECOND_BATCH]
     assert log_rows(db, schema) == before
 
@@ -243,8 +243,8 @@ def test_rollback_to_a_migration_that_is_not_applied_fails_and_changes_nothing(t
     assert log_rows(db, schema) == before
     assert not run.ok
     assert run.schemas[0].migrations == []
-    assert "20990101000000_nope" in run.schemas[0].error
-    assert "not applied" in run.schemas[0].error
+    assert "20990101000000_nope" in str(run.schemas[0].failure)
+    assert "not applied" in str(run.schemas[0].failure)
 
 
 @pytest.mark.parametrize(
@@ -297,8 +297,8 @@ def test_a_failing_rollback_is_reported_and_keeps_that_migration(two_batches):
 
     assert not run.ok
     result = run.schemas[0]
-    assert result.failed_migration == NOTES
-    assert "no_such_table" in result.error
+    assert result.failure.migration == NOTES
+    assert "no_such_table" in str(result.failure)
     assert result.migrations == []
     assert applied_ids(db, schema) == [*TENANT_IDS, *SECOND_BATCH]
     assert "org_notes" in tables(db, schema)

@@ -206,14 +206,14 @@ def test_a_migration_failing_in_one_tenant_leaves_it_at_its_last_boundary_and_th
     assert run.count("done") == 5 and run.count("failed") == 1
     assert [r.schema for r in run.failed] == [bad.schema]
     failed = run.failed[0]
-    assert failed.status == "failed"
+    assert failed.outcome == "failed"
     assert failed.org_id == bad.org_id
-    assert failed.failed_migration == m3
+    assert failed.failure.migration == m3
     assert failed.migrations == [m2]
-    assert 'relation "t3" already exists' in failed.error
+    assert 'relation "t3" already exists' in str(failed.failure)
     for r in run.schemas:
         if r.schema != bad.schema:
-            assert r.migrations == [m2, m3, m4] and r.error is None
+            assert r.migrations == [m2, m3, m4] and r.failure is None
             assert applied_ids(scale.params, r.schema) == [m1, m2, m3, m4]
             assert tables(scale.params, r.schema) - YOYO_TABLES == {"t1", "t2", "t3", "t4"}
     # m2 of the failed run committed; m3 was rolled back to its savepoint; m4 never ran.
@@ -274,12 +274,12 @@ def test_fail_fast_with_one_job_reports_later_tenants_not_started_and_leaves_the
     assert not run.ok
     assert not run.interrupted  # a fail-fast stop is not a signal
     results = by_schema(run)
-    assert results[first.schema].status == "failed"
-    assert results[first.schema].failed_migration == m2
+    assert results[first.schema].outcome == "failed"
+    assert results[first.schema].failure.migration == m2
     assert run.count("not started") == 4 and run.count("done") == 0
     assert len(run.failed) == 5
     for tenant in tenants[1:]:
-        assert results[tenant.schema].status == "not started"
+        assert results[tenant.schema].outcome == "not started"
         assert results[tenant.schema].org_id == tenant.org_id
         assert results[tenant.schema].migrations == []
         assert applied_ids(scale.params, tenant.schema) == [m1]
@@ -309,7 +309,7 @@ def test_two_concurrent_runs_in_threads_apply_each_migration_exactly_once_per_sc
     assert all(run is not None and run.ok for run in runs), runs
     # every schema was migrated by exactly one of the two runs; the other found it up to date
     for tenant in tenants:
-        statuses = sorted(by_schema(run)[tenant.schema].status for run in runs)
+        statuses = sorted(by_schema(run)[tenant.schema].outcome for run in runs)
         assert statuses == ["done", "up to date"], (tenant, statuses)
     assert sum(run.count("done") for run in runs) == len(tenants)
     for schema, applied in scale.assert_at_boundaries([t.schema for t in tenants]).items():
@@ -484,10 +484,10 @@ def test_a_schema_locked_by_another_session_is_skipped_after_lock_wait_and_the_r
 
     assert not run.ok
     results = by_schema(run)
-    assert results[locked.schema].status == "skipped"
+    assert results[locked.schema].outcome == "skipped"
     assert results[locked.schema].skipped
     assert results[locked.schema].org_id == locked.org_id
-    assert "locked" in results[locked.schema].error
+    assert "locked" in str(results[locked.schema].failure)
     assert 0.5 <= results[locked.schema].duration < 10
     assert elapsed < 20
     assert run.count("skipped") == 1 and run.count("done") == 3
@@ -699,13 +699,13 @@ def test_a_run_connects_workers_only_for_the_tenants_that_are_behind(scale, monk
     tenants = scale.register(20)
     assert scale.migrate(jobs=4).ok
     opened = []
-    real_open_backend = runner.open_backend
+    real_connect = runner.connect
 
-    def counting_open_backend(params, schema="public"):
-        opened.append(schema)
-        return real_open_backend(params, schema)
+    def counting_connect(params):
+        opened.append(params)
+        return real_connect(params)
 
-    monkeypatch.setattr(runner, "open_backend", counting_open_backend)
+    monkeypatch.setattr(runner, "connect", counting_connect)
 
     run = scale.migrate(jobs=4)
 
@@ -716,7 +716,7 @@ def test_a_run_connects_workers_only_for_the_tenants_that_are_behind(scale, monk
     run = scale.migrate(jobs=4)
 
     assert run.ok and run.count("done") == 1 and run.count("up to date") == 20
-    assert opened == [newcomer.schema]  # one schema behind: one worker, not four
+    assert len(opened) == 1  # one schema behind: one worker, not four
 
     opened.clear()
     m2 = scale.migration(2)
@@ -725,8 +725,8 @@ def test_a_run_connects_workers_only_for_the_tenants_that_are_behind(scale, monk
     run = scale.migrate(jobs=4)
 
     assert run.count("done") == 21 and run.count("failed") == 1
-    assert by_schema(run)[missing.schema].status == "failed"
-    assert "does not exist" in by_schema(run)[missing.schema].error
+    assert by_schema(run)[missing.schema].outcome == "failed"
+    assert "does not exist" in str(by_schema(run)[missing.schema].failure)
     assert len(opened) == 4  # one connection per worker, reused across the 21 schemas
     for t in [*tenants, newcomer]:
         assert applied_ids(scale.params, t.schema) == [m1, m2]
@@ -767,9 +767,9 @@ def test_a_tenant_whose_schema_is_dropped_mid_run_is_reported_failed_and_the_oth
     assert not run.ok
     results = by_schema(run)
     for t in gone:
-        assert results[t.schema].status == "failed"
+        assert results[t.schema].outcome == "failed"
         assert results[t.schema].org_id == t.org_id
-        assert t.schema in results[t.schema].error
+        assert t.schema in str(results[t.schema].failure)
     assert run.count("done") == 4 and run.count("failed") == 2
     for t in tenants:
         if t not in gone:

@@ -69,7 +69,7 @@ def test_a_tenant_recorded_by_0_1_is_converted_and_keeps_its_batches(project, da
 
     assert status(project).tenants[0].state == "old layout"
     assert any("keeps yoyo's migration tables" in p for p in verify(project))
-    assert migrate_tenants(project, dry_run=True).schemas[0].error  # says a real run converts
+    assert migrate_tenants(project, dry_run=True).schemas[0].failure  # says a real run converts
 
     write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname TEXT;",
                     "ALTER TABLE org_users DROP COLUMN nickname;")  # fmt: skip
@@ -100,7 +100,7 @@ def test_a_schema_whose_log_cannot_be_converted_is_left_as_it_was(project, datab
     query(database, f"CREATE TABLE {schema}._yoyo_log_v1 (x int)")  # the name is taken
 
     run = migrate_tenants(project)
-    assert not run.ok and "_yoyo_log_v1" in run.schemas[0].error
+    assert not run.ok and "_yoyo_log_v1" in str(run.schemas[0].failure)
     assert {t for t in tables(database, schema) if "yoyo" in t} == {
         "_yoyo_migration", "_yoyo_log", "_yoyo_version", "_yoyo_log_v1"
     }  # fmt: skip

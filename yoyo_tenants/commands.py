@@ -9,31 +9,22 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from yoyo import exceptions as yoyo_exceptions
-from yoyo.migrations import MigrationList, read_migrations
+from yoyo.migrations import MigrationList
 
-from . import registry, scaffold
+from . import log, registry, scaffold
 from .db import connect, server_params
-from .errors import NotReady, UsageError
-from .log import migration_checksum
-from .plan import drift, migration_sql
+from .engine import Direction, RunOptions, SchemaResult, migrate_schema
+from .errors import TenantsError, UsageError
+from .loading import load_migrations
+from .log import Log, migration_checksum
+from .plan import ApplyPlan, Drift, RollbackPlan, RollbackTarget, migration_sql
 from .registry import Tenant
-from .runner import (
-    RollbackTarget,
-    RunOptions,
-    RunResult,
-    SchemaResult,
-    SchemaState,
-    apply_schema,
-    rollback_schema,
-    run_schemas,
-    scan,
-)
+from .runner import RunResult, SchemaState, run_schemas, scan
 from .settings import Settings
 
 #: Tenants migrated at once unless --jobs says otherwise.
@@ -42,49 +33,8 @@ PUBLIC = "public"
 OLD_LAYOUT = "keeps yoyo's migration tables, which the next migrate converts to one log"
 
 OnResult = Callable[[SchemaResult], None]
-
-
-#: Migration folders already read: path -> (what its files were, what they said).
-_loaded: dict[Path, tuple[tuple, MigrationList]] = {}
-#: Files changed this recently are read again: a file rewritten within the file system's clock
-#: tick keeps its time stamp (git calls such entries racy).
-RACY_NS = 2_000_000_000
-
-
-def load_migrations(directory: Path) -> MigrationList:
-    """Read and parse every migration in `directory`, once for all the schemas of a run.
-
-    Kept while the folder's files stay as they are, so a program that provisions tenants as
-    organizations sign up parses them once, not at every signup (yoyo's SQL parsing costs about
-    as much as creating a tenant's tables).
-    """
-    if not directory.is_dir():
-        raise NotReady(f"migrations folder {directory} does not exist")
-    directory = directory.resolve()
-    files = _files(directory)
-    cached = _loaded.get(directory)
-    if cached and cached[0] == files:
-        return cached[1]
-    migrations = _read(directory)
-    if all(time.time_ns() - mtime > RACY_NS for _, _, mtime in files):
-        _loaded[directory] = (files, migrations)
-    return migrations
-
-
-def _files(directory: Path) -> tuple:
-    entries = [(e.name, e.stat()) for e in os.scandir(directory) if e.is_file()]
-    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in entries))
-
-
-def _read(directory: Path) -> MigrationList:
-    migrations = read_migrations(str(directory))
-    for migration in [*migrations, *migrations.post_apply]:
-        try:
-            migration.load()
-        except yoyo_exceptions.BadMigration as exc:
-            raise NotReady(f"cannot load migration {migration.path}: {exc.args[-1]}") from None
-        migration_checksum(migration)  # now, before worker threads share the migrations
-    return migrations
+#: Makes the plan for one schema (plans remember what they chose: one per schema).
+PlanFor = Callable[[str], Any]
 
 
 def run_options(settings: Settings, **options: Any) -> RunOptions:
@@ -103,11 +53,10 @@ def migrate_master(settings: Settings, dry_run: bool = False, **options: Any) ->
 
     `options` are RunOptions fields: lock_wait, lock_timeout, statement_timeout, retries, ...
     """
-    migrations = load_migrations(settings.master_dir)
+    migrations = load_migrations(settings.master_dir, public=True)
     opts = run_options(settings, **options)
-    run = partial(apply_schema, migrations=migrations, options=opts)
-    plan = partial(plan_apply, migrations=migrations, allow_drift=opts.allow_drift)
-    return _run_public(settings, run, plan if dry_run else None, "apply", opts)
+    plan = lambda schema: ApplyPlan(schema, migrations, opts.allow_drift)  # noqa: E731
+    return _run(settings, [Tenant(None, PUBLIC)], plan, Direction.APPLY, opts, dry_run=dry_run)
 
 
 def rollback_master(
@@ -118,26 +67,11 @@ def rollback_master(
     **options: Any,
 ) -> RunResult:
     """Roll back the public schema's last batch, its last `steps` migrations, or all after `to`."""
-    migrations = load_migrations(settings.master_dir)
+    migrations = load_migrations(settings.master_dir, public=True)
     target = RollbackTarget(steps=steps, to=to)
     opts = run_options(settings, **options)
-    run = partial(rollback_schema, migrations=migrations, target=target, options=opts)
-    plan = partial(plan_rollback, migrations=migrations, target=target)
-    return _run_public(settings, run, plan if dry_run else None, "rollback", opts)
-
-
-def _run_public(settings: Settings, action, plan, direction: str, options: RunOptions):
-    params = server_params(settings)
-    if plan:
-        return _dry_run(params, [Tenant(None, PUBLIC)], plan, direction)
-    return run_schemas(
-        params,
-        [SchemaResult(PUBLIC)],
-        lambda backend, result: action(backend, result=result),
-        direction=direction,
-        jobs=1,
-        options=options,
-    )
+    plan = lambda schema: RollbackPlan(schema, migrations, target)  # noqa: E731
+    return _run(settings, [Tenant(None, PUBLIC)], plan, Direction.ROLLBACK, opts, dry_run=dry_run)
 
 
 # -- tenants -------------------------------------------------------------------------------------
@@ -159,25 +93,9 @@ def migrate_tenants(
     """
     migrations = load_migrations(settings.tenant_dir)
     opts = run_options(settings, **options)
-    hashes = {m.hash for m in migrations}
-
-    def needs_work(state: SchemaState) -> bool:
-        return not state.tables_ready or not hashes <= state.applied_hashes
-
+    plan = lambda schema: ApplyPlan(schema, migrations, opts.allow_drift)  # noqa: E731
     return _run_tenants(
-        settings,
-        tenant,
-        needs_work,
-        lambda backend, result, state: apply_schema(
-            backend, migrations, result, opts, known=state.log
-        ),
-        partial(plan_apply, migrations=migrations, allow_drift=opts.allow_drift)
-        if dry_run
-        else None,
-        RunResult("apply", jobs=jobs),
-        fail_fast,
-        opts,
-        on_result,
+        settings, tenant, plan, Direction.APPLY, opts, jobs, fail_fast, dry_run, on_result
     )
 
 
@@ -196,122 +114,158 @@ def rollback_tenants(
     migrations = load_migrations(settings.tenant_dir)
     target = RollbackTarget(steps=steps, to=to)
     opts = run_options(settings, **options)
+    plan = lambda schema: RollbackPlan(schema, migrations, target)  # noqa: E731
     return _run_tenants(
-        settings,
-        tenant,
-        lambda state: bool(state.applied) or state.old_layout,
-        lambda backend, result, state: rollback_schema(backend, migrations, result, target, opts),
-        partial(plan_rollback, migrations=migrations, target=target) if dry_run else None,
-        RunResult("rollback", jobs=jobs),
-        fail_fast,
-        opts,
-        on_result,
+        settings, tenant, plan, Direction.ROLLBACK, opts, jobs, fail_fast, dry_run, on_result
     )
 
 
-def _run_tenants(settings, org_id, needs_work, action, plan, run, fail_fast, options, on_result):
-    if run.jobs < 1:
+def _run_tenants(settings, org_id, plan, direction, options, jobs, fail_fast, dry_run, on_result):
+    if jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    connection = connect(server_params(settings))
+    try:
+        cursor = connection.cursor()
+        if org_id is not None:
+            tenants = [registry.get_tenant(cursor, org_id)]
+        else:
+            tenants = registry.list_tenants(cursor)
+    finally:
+        connection.close()
+    return _run(settings, tenants, plan, direction, options, jobs, fail_fast, dry_run, on_result)
+
+
+def _run(
+    settings: Settings,
+    tenants: list[Tenant],
+    plan: PlanFor,
+    direction: Direction,
+    options: RunOptions,
+    jobs: int = 1,
+    fail_fast: bool = False,
+    dry_run: bool = False,
+    on_result: OnResult | None = None,
+) -> RunResult:
+    """Scan the schemas' logs, then hand those with work to the engine (or, in a dry run, say
+    what it would do)."""
+    started = time.perf_counter()
     params = server_params(settings)
     connection = connect(params)
     try:
-        cursor = connection.cursor()
-        tenants = (
-            [registry.get_tenant(cursor, org_id)]
-            if org_id is not None
-            else registry.list_tenants(cursor)
-        )
-        if plan:
-            return _dry_run(params, tenants, plan, run.direction, cursor)
-        states = scan(cursor, [t.schema for t in tenants])
-        idle, work = {}, []
-        for t in tenants:
-            result = SchemaResult(t.schema, t.org_id)
-            if not states[t.schema].exists:
-                result.error = f"schema {t.schema} of {t.org_id} does not exist"
-                idle[t.schema] = result
-            elif needs_work(states[t.schema]):
-                work.append(result)
-            else:
-                idle[t.schema] = result
-        done = run_schemas(
-            params,
-            work,
-            lambda backend, result: action(backend, result, states[result.schema]),
-            direction=run.direction,
-            jobs=run.jobs,
-            fail_fast=fail_fast,
-            options=options,
-            tables_ready=lambda schema: states[schema].tables_ready,
-            on_result=on_result,
-        )
+        states = scan(connection.cursor(), [t.schema for t in tenants])
+        if citus_mode(settings, connection):
+            options = replace(options, statement_per_message=True)
     finally:
         connection.close()
+    if dry_run:
+        run = _dry_run(tenants, states, plan, direction)
+        run.duration = time.perf_counter() - started
+        return run
+    idle, work = {}, []
+    for t in tenants:
+        result = SchemaResult(t.schema, t.org_id)
+        state = states[t.schema]
+        if not state.exists:
+            result.fail(f"schema {t.schema} of {t.org_id} does not exist")
+            idle[t.schema] = result
+        elif _needs_work(state, plan(t.schema)):
+            work.append(result)
+        else:
+            idle[t.schema] = result
+
+    def action(connection, result: SchemaResult) -> SchemaResult:
+        known, prelude = starting_point(states[result.schema], result.schema)
+        return migrate_schema(
+            connection, plan(result.schema), result, options, known=known, prelude=prelude
+        )
+
+    done = run_schemas(
+        params,
+        work,
+        action,
+        direction=direction.value,
+        jobs=jobs,
+        fail_fast=fail_fast,
+        on_result=on_result,
+    )
     by_schema = {r.schema: r for r in done.schemas}
     done.schemas = [by_schema.get(t.schema) or idle[t.schema] for t in tenants]
+    done.duration = time.perf_counter() - started
     return done
+
+
+def _needs_work(state: SchemaState, plan) -> bool:
+    """Whether a scanned schema has anything for `plan` to do (a plan's verdict on its own log,
+    or a log table to make or convert)."""
+    if not state.tables_ready or state.old_layout:
+        return True
+    try:
+        return bool(plan.choose(state.log))
+    except TenantsError:
+        return True  # drift or a missing file: the engine reports it, for this schema
+
+
+def starting_point(state: SchemaState, schema: str) -> tuple[Log | None, list]:
+    """How the engine starts on a scanned schema: the log it knows, and the statements that make
+    its log table. A schema with yoyo's tables is read under its lock, and converted there."""
+    if state.old_layout:
+        return None, []
+    if not state.tables_ready:
+        return Log([]), [log.create_sql(schema)]
+    return state.log, []
+
+
+def citus_mode(settings: Settings, connection) -> bool:
+    """Whether statements go one per message: on a Citus coordinator, or when forced by
+    YOYO_TENANTS_CITUS=on (off forbids it)."""
+    if settings.citus != "auto":
+        return settings.citus == "on"
+    cursor = connection.cursor()
+    cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')")
+    return cursor.fetchone()[0]
 
 
 # -- dry runs ------------------------------------------------------------------------------------
 
 
-def plan_apply(
-    state: SchemaState, result: SchemaResult, migrations: MigrationList, allow_drift: bool = False
-) -> None:
-    if not allow_drift and (problems := drift(state.applied, migrations)):
-        result.error = f"drift in {result.schema}: {'; '.join(problems)} (would be refused)"
-        return
-    for migration in migrations:
-        if migration.hash not in state.applied_hashes:
-            result.migrations.append(migration.id)
-            result.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]
-
-
-def plan_rollback(
-    state: SchemaState, result: SchemaResult, migrations: MigrationList, target: RollbackTarget
-) -> None:
-    files = {m.hash: m for m in migrations}
-    for row in target.select(state.applied):
-        result.migrations.append(row.migration_id)
-        if row.migration_hash not in files:
-            result.error = f"cannot roll back {row.migration_id}: no such file"
-            return
-        result.sql += [
-            f"-- {row.migration_id}",
-            *migration_sql(files[row.migration_hash], "rollback"),
-        ]
-
-
-def _dry_run(params, tenants, plan, direction: str, cursor=None) -> RunResult:
+def _dry_run(tenants, states, plan_for: PlanFor, direction: Direction) -> RunResult:
     """What a run would do, read from the catalog in a few queries; nothing is written."""
-    started = time.perf_counter()
-    connection = None
-    if cursor is None:
-        connection = connect(params)
-        cursor = connection.cursor()
-    try:
-        states = scan(cursor, [t.schema for t in tenants])
-    finally:
-        if connection is not None:
-            connection.close()
-    run = RunResult(direction, dry_run=True)
+    run = RunResult(direction.value, dry_run=True)
     for t in tenants:
         result = SchemaResult(t.schema, t.org_id)
-        if not states[t.schema].exists:
-            result.error = f"schema {t.schema} does not exist"
-        elif states[t.schema].old_layout:
-            result.error = f"{t.schema} keeps yoyo's tables, which a real run converts first"
+        state = states[t.schema]
+        if not state.exists:
+            result.fail(f"schema {t.schema} does not exist")
+        elif state.old_layout:
+            result.fail(f"{t.schema} keeps yoyo's tables, which a real run converts first")
         else:
             try:
-                plan(states[t.schema], result)
-            except UsageError as exc:
-                result.error = str(exc)
+                todo = plan_for(t.schema).choose(state.log)
+            except Drift as exc:
+                result.fail(f"{exc} (would be refused)")
+                todo = []
+            except TenantsError as exc:
+                result.fail(str(exc))
+                todo = []
+            for migration in todo:
+                result.migrations.append(migration.id)
+                result.sql += [f"-- {migration.id}", *migration_sql(migration, direction.value)]
         run.schemas.append(result)
-    run.duration = time.perf_counter() - started
     return run
 
 
 # -- status --------------------------------------------------------------------------------------
+
+
+class Standing(str, Enum):
+    """Where a schema stands against the migration files (the values are the words shown)."""
+
+    AT_HEAD = "at head"
+    BEHIND = "behind"
+    DRIFT = "drift"
+    NEVER_MIGRATED = "never migrated"
+    OLD_LAYOUT = "old layout"
+    SCHEMA_MISSING = "schema missing"
 
 
 @dataclass
@@ -332,18 +286,25 @@ class SchemaStatus:
         ]
 
     @property
-    def state(self) -> str:
+    def standing(self) -> Standing:
         if not self.exists:
-            return "schema missing"
+            return Standing.SCHEMA_MISSING
         if self.old_layout:
-            return "old layout"
+            return Standing.OLD_LAYOUT
         if self.changed or self.unknown:
-            return "drift"
-        if not self.applied and not self.unknown:
-            return "never migrated"
+            return Standing.DRIFT
+        if not self.applied:
+            return Standing.NEVER_MIGRATED
         if self.pending:
+            return Standing.BEHIND
+        return Standing.AT_HEAD
+
+    @property
+    def state(self) -> str:
+        """The standing in words: "behind by 2" rather than "behind"."""
+        if self.standing == Standing.BEHIND:
             return f"behind by {len(self.pending)}"
-        return "at head"
+        return self.standing.value
 
 
 @dataclass
@@ -356,7 +317,7 @@ class Status:
 
 def status(settings: Settings) -> Status:
     """Applied and pending migrations of public and of every tenant, in a few queries in all."""
-    master = load_migrations(settings.master_dir)
+    master = load_migrations(settings.master_dir, public=True)
     tenant_migrations = load_migrations(settings.tenant_dir)
     connection = connect(server_params(settings))
     try:

@@ -1,4 +1,4 @@
-"""Connections: resolving settings to a server, opening connections and backends, and turning
+"""Connections: resolving settings to a server, opening connections, and turning
 database errors into messages a user can act on (never showing a password)."""
 
 from __future__ import annotations
@@ -6,23 +6,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import psycopg2
-from yoyo.connections import DatabaseURI
 
 from . import embedded
-from .backend import TenantBackend
-from .errors import ConnectionFailed
+from .errors import ConnectionFailed, Failure
 from .settings import Settings, describe
-
-SCHEME = "postgresql+tenant"
 
 # SQLSTATEs with advice beyond PostgreSQL's own words.
 _HINTS = {
-    "0A000": "install pgvector on the server (Debian: postgresql-NN-pgvector; built into RDS)",
-    "58P01": "install pgvector on the server (Debian: postgresql-NN-pgvector; built into RDS)",
     "42501": "the database user lacks a privilege this migration needs",
     "55P03": "a lock was not granted in time: another session holds it; retry later",
     "57014": "the statement ran longer than statement_timeout",
 }
+PGVECTOR_HINT = (
+    "pgvector is missing: install it on the server (Debian: postgresql-NN-pgvector; built into "
+    "RDS), then run invoke migrate-master, which runs CREATE EXTENSION vector WITH SCHEMA public"
+)
 
 
 def server_params(settings: Settings) -> dict[str, str]:
@@ -42,17 +40,6 @@ def connect(params: Mapping[str, str]):
     return connection
 
 
-def open_backend(params: Mapping[str, str], schema: str = "public") -> TenantBackend:
-    """A TenantBackend on its own connection, scoped to `schema`."""
-    args = {key: str(value) for key, value in params.items() if key != "dbname"}
-    args["schema"] = schema
-    uri = DatabaseURI(SCHEME, None, None, None, None, params.get("dbname"), args)
-    try:
-        return TenantBackend(uri)
-    except (psycopg2.OperationalError, UnicodeDecodeError) as exc:
-        raise connection_failed(params, exc) from None
-
-
 def connection_failed(params: Mapping[str, str], exc: Exception) -> ConnectionFailed:
     if isinstance(exc, UnicodeDecodeError):
         # libpq's message quoted a name the server cut mid-character (63 bytes).
@@ -69,5 +56,20 @@ def error_text(exc: BaseException) -> str:
     """One line for a failed statement: PostgreSQL's message, plus advice where we have some."""
     message = getattr(exc, "pgerror", None) or str(exc)
     first = " ".join(message.strip().splitlines()[0].split()).removeprefix("ERROR: ")
-    hint = _HINTS.get(getattr(exc, "pgcode", None) or "")
+    hint = _hint(exc)
     return f"{first} ({hint})" if hint else first
+
+
+def failure_from(exc: BaseException, migration: str | None = None) -> Failure:
+    """A failed statement as a Failure value."""
+    return Failure(error_text(exc), migration=migration, sqlstate=getattr(exc, "pgcode", None))
+
+
+def _hint(exc: BaseException) -> str | None:
+    code = getattr(exc, "pgcode", None)
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) or ""
+    # The missing object is pgvector's: its type, or the extension's files on the server.
+    if code in ("42704", "58P01", "0A000") and ('"vector"' in primary or "/vector." in primary):
+        return PGVECTOR_HINT
+    return _HINTS.get(code or "")

@@ -3,6 +3,11 @@
 Library code raises these; only the task layer turns them into one line on stderr and an exit code.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
 
 class TenantsError(Exception):
     """Base of every error yoyo-tenants reports to a user."""
@@ -48,9 +53,55 @@ class MigrationFailed(TenantsError):
         super().__init__(f"migration {migration_id} failed in schema {schema}: {error}")
 
 
+class UnsafeMigration(TenantsError):
+    """A migration file holds a statement that may not run where it would (see scripts.py).
+
+    Nothing has been written when this is raised: files are checked before any schema is
+    touched.
+    """
+
+    exit_code = 2
+
+    def __init__(self, path, line: int | None, problem: str):
+        self.path, self.line, self.problem = path, line, problem
+        where = f"{_shown(path)} line {line}" if line else _shown(path)
+        super().__init__(f"{where}: {problem}")
+
+
+def _shown(path) -> str:
+    """A path as a user would type it: relative to the working directory when inside it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 class MigrationsMissing(TenantsError):
     """A schema has applied migrations whose files no longer exist."""
 
 
 class LockBusy(TenantsError):
     """Another run held a schema's lock for longer than we were willing to wait."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a schema's work stopped, as a value: rendered to text only at the edge."""
+
+    message: str  # PostgreSQL's words (first line) and our advice, or ours alone
+    migration: str | None = None  # the migration that was running, if one was
+    sqlstate: str | None = None
+    path: str | None = None  # the file holding the failing statement, with its line
+    line: int | None = None
+
+    def at(self, path: str, line: int) -> Failure:
+        return replace(self, path=path, line=line)
+
+    def with_note(self, note: str) -> Failure:
+        return replace(self, message=f"{self.message} ({note})")
+
+    def __str__(self) -> str:
+        if self.path and self.line:
+            return f"{_shown(self.path)} line {self.line}: {self.message}"
+        return self.message

@@ -18,7 +18,9 @@ Here one table does the work of all three:
 
 from __future__ import annotations
 
+import getpass
 import hashlib
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,68 +29,80 @@ from pathlib import Path
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
+from psycopg2 import sql
 from yoyo.migrations import Migration, hash_function
 
 TABLE = "_yoyo_log"
 #: A column only the current layout has: a schema whose log lacks it is not ready.
 LAYOUT_COLUMN = "batch"
-
-CREATE_SQL = """
-    CREATE TABLE IF NOT EXISTS {log} (
-        id INTEGER NOT NULL,
-        migration_id VARCHAR(255) NOT NULL,
-        operation VARCHAR(10) NOT NULL,
-        batch INTEGER,
-        checksum VARCHAR(64),
-        username VARCHAR(63),
-        hostname VARCHAR(95),
-        created_at_utc TIMESTAMP NOT NULL
-    )
-"""
 #: What yoyo keeps (and yoyo-tenants 0.1 kept, with batch and checksum columns): a table of the
 #: migrations applied, beside yoyo's log of operations and a version table.
 OLD_TABLE = "_yoyo_migration"
+VERSION_TABLE = "_yoyo_version"
+
+CREATE_SQL = sql.SQL(
+    "CREATE TABLE IF NOT EXISTS {log} ("
+    "id INTEGER NOT NULL, "
+    "migration_id VARCHAR(255) NOT NULL, "
+    "operation VARCHAR(10) NOT NULL, "
+    "batch INTEGER, "
+    "checksum VARCHAR(64), "
+    "username VARCHAR(63), "
+    "hostname VARCHAR(95), "
+    "created_at_utc TIMESTAMP NOT NULL)"
+)
 #: That layout to this one, in the caller's transaction: each applied migration becomes an apply
 #: row, in the order 0.1 read them; yoyo's log is kept, renamed, as history.
-UPGRADE_SQL = (
+UPGRADE_SQL = sql.SQL(
     "ALTER TABLE {old} ADD COLUMN IF NOT EXISTS batch INTEGER NOT NULL DEFAULT 0; "
     "ALTER TABLE {old} ADD COLUMN IF NOT EXISTS checksum VARCHAR(64); "
     "ALTER TABLE IF EXISTS {log} RENAME TO _yoyo_log_v1; "
-    f"{CREATE_SQL}; "
+    "{create}; "
     "INSERT INTO {log} (id, migration_id, operation, batch, checksum, created_at_utc) "
     "SELECT row_number() OVER (ORDER BY batch, applied_at_utc, migration_id), migration_id, "
     "'apply', batch, checksum, coalesce(applied_at_utc, timezone('UTC', now())) FROM {old}; "
     "DROP TABLE {old}; "
     "DROP TABLE IF EXISTS {version}"
 )
-INSERT_SQL = (
+#: One row, numbered by the caller (who holds the schema's lock and knows the log's end).
+INSERT_SQL = sql.SQL(
     "INSERT INTO {log} (id, migration_id, operation, batch, checksum, username, hostname, "
-    "created_at_utc) SELECT coalesce(max(id), 0) + 1, %(migration_id)s, %(operation)s, "
-    "%(batch)s, %(checksum)s, %(username)s, %(hostname)s, %(created_at_utc)s FROM {log}"
+    "created_at_utc) VALUES (%(id)s, %(migration_id)s, %(operation)s, %(batch)s, "
+    "%(checksum)s, %(username)s, %(hostname)s, timezone('UTC', statement_timestamp()))"
 )
 #: What Log.from_rows reads, in this order.
 COLUMNS = "id, migration_id, operation, created_at_utc, batch, checksum"
-ROWS_SQL = f"SELECT {COLUMNS} FROM {{log}}"
-#: The log rows of migrations applied in one message, numbered on from `position`, the log's
-#: last row when the caller read it: unless it still is, the division by zero fails, and with it
-#: the whole message. (An INSERT ... SELECT that checks as it numbers measured twice as costly.)
-GUARDED_INSERT_SQL = (
-    "SELECT 1 / (coalesce(max(id), 0) = %(position)s)::int FROM {log}; "
-    "INSERT INTO {log} (id, migration_id, operation, batch, checksum, username, hostname, "
-    "created_at_utc) VALUES "
-)
-#: One of those rows: {migration_id} and {checksum} are quoted literals, {k} its number.
-APPLIED_ROW_SQL = (
-    "(%(position)s + {k}, {migration_id}, 'apply', %(batch)s, {checksum}, %(username)s, "
-    "%(hostname)s, timezone('UTC', statement_timestamp()))"
-)
-NEXT_BATCH_SQL = "SELECT coalesce(max(batch), 0) + 1 FROM {log}"
+ROWS_SQL = sql.SQL("SELECT " + COLUMNS + " FROM {log}")
+
+
+def create_sql(schema: str) -> sql.Composed:
+    return CREATE_SQL.format(log=sql.Identifier(schema, TABLE))
+
+
+def upgrade_sql(schema: str) -> sql.Composed:
+    return UPGRADE_SQL.format(
+        log=sql.Identifier(schema, TABLE),
+        old=sql.Identifier(schema, OLD_TABLE),
+        version=sql.Identifier(schema, VERSION_TABLE),
+        create=create_sql(schema),
+    )
+
 
 APPLIED = ("apply", "mark")
 UNDONE = ("rollback", "unmark")
 #: Logged, never applied: a post-apply hook runs after every run that applied something.
 HOOK = "post-apply"
 USERNAME_WIDTH, HOSTNAME_WIDTH = 63, 95
+
+
+@cache
+def log_identity() -> dict[str, str]:
+    """Who writes the log rows. (yoyo looks these up for every row; socket.getfqdn() alone can
+    take milliseconds.)"""
+    return {
+        "username": getpass.getuser()[:USERNAME_WIDTH],
+        "hostname": socket.getfqdn()[:HOSTNAME_WIDTH],
+    }
 
 
 @cache

@@ -1,24 +1,112 @@
-"""What a run would do, without doing it: the SQL of a migration, and drift between files and
-what a schema recorded when it applied them."""
+"""What to do to a schema, given its log: the migrations pending, the ones a rollback undoes,
+drift between files and what a schema recorded, and (for dry runs) their SQL.
+
+A plan is asked by the engine, under the schema's lock, which migrations to run next; it is made
+per schema and remembers what it chose, so a schema's work that takes several transactions (a
+non-transactional migration, a retry) stays one batch, one rollback target.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
-from yoyo.migrations import Migration, MigrationList, read_sql_migration
+from yoyo.migrations import Migration, MigrationList, topological_sort
 
-from .log import AppliedMigration, migration_checksum
+from .errors import MigrationsMissing, TenantsError, UsageError
+from .log import AppliedMigration, Log, migration_checksum
 
 
-def migration_sql(migration: Migration, direction: str) -> list[str]:
-    """The statements a migration runs in `direction` ("apply" or "rollback")."""
-    if not migration.path.endswith(".sql"):
-        return [f"-- Python migration {Path(migration.path).name}: runs its steps' code"]
-    path = Path(migration.path)
-    if direction == "rollback":
-        path = path.with_suffix(".rollback.sql")
-    return read_sql_migration(str(path))[2]
+class Drift(TenantsError):
+    """Applied migrations' files changed or vanished since: the schema is left alone."""
+
+    def __init__(self, schema: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            f"drift in {schema}: {'; '.join(problems)} (fix the files, or pass --allow-drift)"
+        )
+
+
+class ApplyPlan:
+    """Apply what is pending, as one batch; refuse a schema with drift unless allowed."""
+
+    operation = "apply"
+
+    def __init__(self, schema: str, migrations: MigrationList, allow_drift: bool = False):
+        self.schema, self.migrations, self.allow_drift = schema, migrations, allow_drift
+        self.hooks = migrations.post_apply
+        self.batch: int | None = None
+
+    def choose(self, log: Log) -> list[Migration]:
+        if not self.allow_drift and (problems := drift(log.applied, self.migrations)):
+            raise Drift(self.schema, problems)
+        if self.batch is None:  # one batch for the whole run, even over several transactions
+            self.batch = next_batch(log.applied)
+        return pending(self.migrations, log.applied)
+
+
+@dataclass(frozen=True)
+class RollbackTarget:
+    """Which applied migrations to undo: the last batch (default), the last N, or all after one."""
+
+    steps: int | None = None
+    to: str | None = None
+
+    def __post_init__(self):
+        if self.steps is not None and self.to is not None:
+            raise UsageError("give --steps or --to, not both")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError("--steps must be at least 1")
+
+    def select(self, applied: Sequence[AppliedMigration]) -> list[AppliedMigration]:
+        """The rows to roll back, newest first."""
+        if self.to is not None:
+            ids = [row.migration_id for row in applied]
+            if self.to not in ids:
+                raise UsageError(f"migration {self.to} is not applied")
+            chosen = applied[ids.index(self.to) + 1 :]
+        elif self.steps is not None:
+            chosen = applied[-self.steps :]
+        else:
+            last = max((row.batch for row in applied), default=None)
+            chosen = [row for row in applied if row.batch == last]
+        return list(reversed(chosen))
+
+
+class RollbackPlan:
+    """Undo the target's migrations, newest first; the target is chosen once, by the first
+    transaction, and later ones undo what of it is still applied."""
+
+    operation = "rollback"
+    hooks: Sequence[Migration] = ()
+    batch = None
+
+    def __init__(self, schema: str, migrations: MigrationList, target: RollbackTarget):
+        self.schema, self.target = schema, target
+        self.files = {m.hash: m for m in migrations}
+        self.chosen: list[str] | None = None
+
+    def choose(self, log: Log) -> list[Migration]:
+        if self.chosen is None:
+            rows = self.target.select(log.applied)
+            if missing := [r.migration_id for r in rows if r.migration_hash not in self.files]:
+                raise MigrationsMissing(
+                    f"cannot roll back {', '.join(missing)} in {self.schema}: no such file"
+                )
+            self.chosen = [row.migration_hash for row in rows]
+        still_applied = {row.migration_hash for row in log.applied}
+        return [self.files[h] for h in self.chosen if h in still_applied]
+
+
+def next_batch(applied: Sequence[AppliedMigration]) -> int:
+    """The batch a run records with what it applies to a schema whose log says `applied`."""
+    return max((row.batch for row in applied), default=0) + 1
+
+
+def pending(migrations: MigrationList, applied: Sequence[AppliedMigration]) -> list[Migration]:
+    """The migrations not in `applied`, in the order yoyo would apply them."""
+    done = {row.migration_hash for row in applied}
+    return list(topological_sort(m for m in migrations if m.hash not in done))
 
 
 def drift(applied: Sequence[AppliedMigration], migrations: MigrationList) -> list[str]:
@@ -32,3 +120,11 @@ def drift(applied: Sequence[AppliedMigration], migrations: MigrationList) -> lis
         elif row.checksum and row.checksum != migration_checksum(migration):
             problems.append(f"{row.migration_id} changed since it was applied")
     return problems
+
+
+def migration_sql(migration: Migration, operation: str) -> list[str]:
+    """The statements a migration runs for `operation` ("apply" or "rollback")."""
+    if not migration.is_raw_sql():
+        return [f"-- Python migration {migration.path}: runs its steps' code"]
+    script = migration.rollback_script if operation == "rollback" else migration.script
+    return [f"{text};" for _, text in script.statements()] if script else []

@@ -7,16 +7,19 @@ import shutil
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import embedded, registry
-from .commands import load_migrations
-from .db import open_backend, server_params
-from .errors import MigrationFailed, NotReady, SchemaCollision, TenantsError
-from .plan import drift, migration_sql
+from . import embedded, log, registry
+from .commands import citus_mode, run_options
+from .db import connect, server_params
+from .engine import MessageFailed, SchemaResult, Session, migrate_schema
+from .errors import LockBusy, MigrationFailed, NotReady, SchemaCollision, TenantsError
+from .loading import load_migrations
+from .log import Log
+from .plan import ApplyPlan, Drift, migration_sql
 from .registry import Tenant
-from .runner import RunOptions, SchemaResult, apply_schema, explain, fits_one_message, pending
+from .runner import scan
 from .settings import Settings
 
 
@@ -40,107 +43,58 @@ def provision_tenant(
     started = time.perf_counter()
     tenant = Tenant(registry.check_org_id(org_id), registry.schema_for(org_id))
     migrations = load_migrations(settings.tenant_dir)
-    backend = open_backend(server_params(settings))
-    done = Provisioned(tenant, created=False, dry_run=dry_run)
+    options = run_options(settings, lock_wait=lock_wait)
+    connection = connect(server_params(settings))
     try:
-        backend.use_schema(tenant.schema)
-        backend.lock_timeout = settings.lock_timeout
-        backend.statement_timeout = settings.statement_timeout
-        if dry_run or not _in_one_message(backend, done, migrations):
-            _provision_carefully(backend, done, migrations, lock_wait)
+        if dry_run:
+            done = _plan(connection, tenant, migrations)
+        else:
+            if citus_mode(settings, connection):
+                options = replace(options, statement_per_message=True)
+            done = _provision(connection, tenant, migrations, options)
     finally:
-        backend.connection.close()
+        connection.close()
     done.duration = time.perf_counter() - started
     return done
 
 
-def _provision_carefully(backend, done: Provisioned, migrations, lock_wait) -> None:
-    """Step by step, in one transaction where the migrations allow: the registry row, the
-    schema and its migrations commit together."""
-    try:
-        with backend.schema_transaction(lock_wait, read=False):  # no schema yet, maybe
-            applied = _provision(backend, done, migrations)
-            if done.dry_run:
-                raise _Discard
-    except _Discard:
-        return
-    if len(done.migrations) < len(pending(migrations, applied)):
-        _finish_outside_transaction(backend, migrations, done, lock_wait)
+def _provision(connection, tenant: Tenant, migrations, options) -> Provisioned:
+    """The registry row, the schema, its log table and every migration in one transaction
+    (one message, unless a migration is non-transactional)."""
+    result = SchemaResult(tenant.schema, tenant.org_id)
+    prelude = [*registry.register_sql(tenant), log.create_sql(tenant.schema)]
+    plan = ApplyPlan(tenant.schema, migrations)
+    migrate_schema(connection, plan, result, options, Log([]), prelude, atomic=True)
+    if result.failure is None:
+        return Provisioned(tenant, created=True, migrations=result.migrations)
+    if result.failure.migration is None and not result.skipped:
+        # Nothing ran: the registry row or the schema was refused. Find out why; a registered
+        # org is brought up to date.
+        return _registered(connection, tenant, migrations, options, result.failure)
+    if registry.find_tenant(connection.cursor(), tenant.org_id):
+        # A non-transactional migration committed the tenant before a later one failed.
+        _unregister(connection, tenant, options)
+    if result.skipped:
+        raise LockBusy(str(result.failure))
+    raise MigrationFailed(result.failure.migration or "-", tenant.schema, str(result.failure))
 
 
-class _Discard(Exception):
-    """Raised to roll back a dry run's transaction."""
+def _registered(connection, tenant: Tenant, migrations, options, first_failure) -> Provisioned:
+    """Provisioning an org that is registered already: bring its schema up to date."""
+    if not _check_registration(connection.cursor(), tenant):
+        raise NotReady(str(first_failure))
+    result = SchemaResult(tenant.schema, tenant.org_id)
+    migrate_schema(connection, ApplyPlan(tenant.schema, migrations), result, options)
+    if result.failure:
+        if result.failure.migration is None:
+            raise NotReady(str(result.failure))
+        raise MigrationFailed(result.failure.migration, tenant.schema, str(result.failure))
+    return Provisioned(tenant, created=False, migrations=result.migrations)
 
 
-def _in_one_message(backend, done: Provisioned, migrations) -> bool:
-    """The common case, a new org, in one round trip: registry row, schema and migrations.
-
-    False, with nothing changed, if anything failed (the org is registered already, its schema
-    name is taken, a migration failed): the careful way then finds out which and says so.
-    """
-    todo = pending(migrations, [])
-    if not fits_one_message(todo, migrations):
-        return False
-    prelude = registry.register_sql(backend.connection.cursor(), done.tenant)
-    if not backend.apply_in_one_message(todo, position=0, batch=1, prelude=prelude):
-        return False
-    done.created, done.migrations = True, [m.id for m in todo]
-    return True
-
-
-def _provision(backend, done: Provisioned, migrations) -> list:
-    """Register the tenant unless it is, and apply its transactional migrations; or, in a dry
-    run, say what that would do. Returns what was applied before."""
-    tenant = done.tenant
-    done.created = _register(backend.connection.cursor(), tenant, done.dry_run)
-    if done.dry_run and done.created:
-        done.sql = ["-- register and CREATE SCHEMA " + tenant.schema]
-    applied = [] if done.created else backend.applied()
-    if problems := drift(applied, migrations):
-        raise NotReady(f"drift in {tenant.schema}: {'; '.join(problems)}")
-    for migration in pending(migrations, applied):
-        if done.dry_run:
-            done.migrations.append(migration.id)
-            done.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]
-            continue
-        if not migration.use_transactions:
-            break  # cannot share the transaction: applied after it commits
-        try:
-            backend.apply_in_transaction(migration)
-        except backend.DatabaseError as exc:
-            error = explain(backend, exc)
-            raise MigrationFailed(migration.id, tenant.schema, error) from None
-        done.migrations.append(migration.id)
-    if done.migrations and not done.dry_run:
-        for hook in migrations.post_apply:
-            backend.apply_in_transaction(hook, mark=False)
-    return applied
-
-
-def _finish_outside_transaction(backend, migrations, done: Provisioned, lock_wait) -> None:
-    """Apply what remains from the first non-transactional migration on, as migrate-tenants
-    would; a new tenant is dropped again if that fails, so provisioning stays all or nothing."""
-    tenant = done.tenant
-    result = apply_schema(
-        backend,
-        migrations,
-        SchemaResult(tenant.schema, tenant.org_id),
-        RunOptions(
-            lock_wait=lock_wait,
-            lock_timeout=backend.lock_timeout,
-            statement_timeout=backend.statement_timeout,
-        ),
-    )
-    done.migrations += result.migrations
-    if result.error:
-        if done.created:
-            with backend.schema_transaction(lock_wait, read=False):
-                registry.unregister(backend.connection.cursor(), tenant)
-        raise MigrationFailed(result.failed_migration or "-", tenant.schema, result.error)
-
-
-def _register(cursor, tenant: Tenant, dry_run: bool) -> bool:
-    """Register `tenant` and create its schema; False if it was registered already."""
+def _check_registration(cursor, tenant: Tenant) -> bool:
+    """Whether `tenant` is registered with its schema (False: it is free to provision); say
+    what is in the way when neither."""
     registered_schema, schema_owner, schema_exists = registry.lookup(cursor, tenant)
     if registered_schema:
         if registered_schema != tenant.schema:
@@ -150,7 +104,7 @@ def _register(cursor, tenant: Tenant, dry_run: bool) -> bool:
             )
         if not schema_exists:
             raise NotReady(f"{tenant.org_id} is registered but schema {tenant.schema} is missing")
-        return False
+        return True
     if schema_owner:
         raise SchemaCollision(
             f"{tenant.org_id} and {schema_owner} both map to schema {tenant.schema}: "
@@ -161,9 +115,37 @@ def _register(cursor, tenant: Tenant, dry_run: bool) -> bool:
             f"schema {tenant.schema} exists but no tenant is registered for it: "
             "remove or register it first; nothing was written"
         )
-    if not dry_run:
-        registry.register(cursor, tenant)
-    return True
+    return False
+
+
+def _unregister(connection, tenant: Tenant, options) -> None:
+    """Drop a tenant's schema and registry row, under its lock, in one transaction."""
+    session = Session(connection, tenant.schema, options)
+    session.begin(prelude=registry.unregister_sql(tenant), read=False)
+    try:
+        session.commit()
+    except MessageFailed as failed:
+        if failed.failure.sqlstate == "55P03":
+            raise LockBusy(f"schema {tenant.schema} is locked by another run") from None
+        raise TenantsError(str(failed.failure)) from None
+
+
+def _plan(connection, tenant: Tenant, migrations) -> Provisioned:
+    """What provisioning would do; nothing is written."""
+    cursor = connection.cursor()
+    registered = _check_registration(cursor, tenant)
+    current = scan(cursor, [tenant.schema])[tenant.schema].log if registered else Log([])
+    try:
+        todo = ApplyPlan(tenant.schema, migrations).choose(current)
+    except Drift as exc:
+        raise NotReady(str(exc)) from None
+    done = Provisioned(tenant, created=not registered, dry_run=True)
+    if not registered:
+        done.sql = ["-- register and CREATE SCHEMA " + tenant.schema]
+    for migration in todo:
+        done.migrations.append(migration.id)
+        done.sql += [f"-- {migration.id}", *migration_sql(migration, "apply")]
+    return done
 
 
 # -- deprovisioning ------------------------------------------------------------------------------
@@ -186,9 +168,9 @@ def deprovision_tenant(
     the dump succeeded.
     """
     params = server_params(settings)
-    backend = open_backend(params)
+    connection = connect(params)
     try:
-        cursor = backend.connection.cursor()
+        cursor = connection.cursor()
         tenant = registry.get_tenant(cursor, org_id)
         cursor.execute(
             "SELECT table_name FROM information_schema.tables "
@@ -200,13 +182,11 @@ def deprovision_tenant(
             return result
         if archive is not None:
             result.archive = dump_schema(params, tenant.schema, Path(archive))
-        backend.use_schema(tenant.schema)
-        with backend.schema_transaction(read=False):  # waits for any run on this tenant
-            registry.unregister(cursor, tenant)
+        _unregister(connection, tenant, run_options(settings))  # waits for any run on it
         result.dropped = True
         return result
     finally:
-        backend.connection.close()
+        connection.close()
 
 
 def dump_schema(params: Mapping[str, str], schema: str, path: Path) -> Path:

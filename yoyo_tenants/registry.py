@@ -19,7 +19,6 @@ from .errors import NotReady, UnknownTenant, UsageError
 ORG_ID = re.compile(r"org_[A-Za-z0-9]+")
 MAX_ORG_ID_LENGTH = 64
 SCHEMA_PREFIX = "tid_"
-SCHEMA_NAME = re.compile(r"tid_[0-9a-f]{10}")
 REGISTRY_MISSING = "the tenant registry public.tenants does not exist: run invoke migrate-master"
 
 
@@ -95,28 +94,25 @@ def lookup(cursor, tenant: Tenant) -> tuple[str | None, str | None, bool]:
 
 def register(cursor, tenant: Tenant) -> None:
     """Insert the registry row and create the schema, in the caller's transaction."""
-    cursor.execute(register_sql(cursor, tenant))
+    for statement in register_sql(tenant):
+        cursor.execute(statement)
 
 
-def register_sql(cursor, tenant: Tenant) -> bytes:
-    """The statements that register `tenant`, ready to send."""
-    return cursor.mogrify(
-        sql.SQL(
-            "INSERT INTO public.tenants (clerk_org_id, schema_name) VALUES (%s, %s); "
-            "CREATE SCHEMA {}"
-        ).format(sql.Identifier(tenant.schema)),
-        (tenant.org_id, tenant.schema),
-    )
+def register_sql(tenant: Tenant) -> list[sql.Composed]:
+    """The statements that register `tenant`: its registry row, then its schema."""
+    return [
+        sql.SQL("INSERT INTO public.tenants (clerk_org_id, schema_name) VALUES ({}, {})").format(
+            sql.Literal(tenant.org_id), sql.Literal(tenant.schema)
+        ),
+        sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(tenant.schema)),
+    ]
 
 
-def unregister(cursor, tenant: Tenant) -> None:
-    """Drop the schema (with everything in it) and the registry row, in the caller's transaction."""
-    cursor.execute(
-        sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant.schema))
-    )
-    cursor.execute("DELETE FROM public.tenants WHERE clerk_org_id = %s", (tenant.org_id,))
-
-
-def existing_schemas(cursor, schemas: list[str]) -> set[str]:
-    cursor.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (schemas,))
-    return {row[0] for row in cursor.fetchall()}
+def unregister_sql(tenant: Tenant) -> list[sql.Composed]:
+    """The statements that drop the schema (with everything in it) and the registry row."""
+    return [
+        sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant.schema)),
+        sql.SQL("DELETE FROM public.tenants WHERE clerk_org_id = {}").format(
+            sql.Literal(tenant.org_id)
+        ),
+    ]

@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .commands import Status
+from .commands import Standing, Status
+from .engine import Outcome, SchemaResult
 from .provisioning import Deprovisioned, Provisioned
-from .runner import RunResult, SchemaResult
+from .runner import RunResult
 
 #: Seconds between progress lines when stdout is not a terminal.
 PLAIN_PROGRESS_EVERY = 5.0
@@ -29,7 +30,7 @@ def run_summary(console: Console, run: RunResult, what: str) -> None:
         public = run.schemas[0]
         if public.migrations:
             console.print(f"public: {verb} {', '.join(public.migrations)}")
-        elif not public.error:
+        elif not public.failure:
             console.print(
                 "public: nothing to " + ("apply" if run.direction == "apply" else "roll back")
             )
@@ -43,14 +44,14 @@ def run_summary(console: Console, run: RunResult, what: str) -> None:
             )
     applying = run.direction == "apply"
     parts = [
-        f"{run.count('done')} {'migrated' if applying else 'rolled back'}",
-        f"{run.count('up to date')} {'up to date' if applying else 'unchanged'}",
-        f"{run.count('failed')} failed",
+        f"{run.count(Outcome.DONE)} {'migrated' if applying else 'rolled back'}",
+        f"{run.count(Outcome.UP_TO_DATE)} {'up to date' if applying else 'unchanged'}",
+        f"{run.count(Outcome.FAILED)} failed",
     ]
-    if run.count("skipped"):
-        parts.append(f"{run.count('skipped')} skipped (locked)")
-    if run.count("not started"):
-        parts.append(f"{run.count('not started')} not started")
+    if run.count(Outcome.SKIPPED):
+        parts.append(f"{run.count(Outcome.SKIPPED)} skipped (locked)")
+    if run.count(Outcome.NOT_STARTED):
+        parts.append(f"{run.count(Outcome.NOT_STARTED)} not started")
     console.print(f"{what}: {', '.join(parts)} in {run.duration:.2f}s")
     if run.interrupted:
         console.print("interrupted: no new schema was started after the signal")
@@ -64,8 +65,9 @@ def _failures(console: Console, run: RunResult) -> None:
 
 
 def failure(r: SchemaResult) -> str:
-    where = f" in {r.failed_migration}" if r.failed_migration else ""
-    return f"{r.status}: {_name(r)}{where}: {r.error or 'the run stopped first'}"
+    migration = r.failure.migration if r.failure else None
+    where = f" in {migration}" if migration else ""
+    return f"{r.outcome.value}: {_name(r)}{where}: {r.failure or 'the run stopped first'}"
 
 
 def run_error(run: RunResult) -> str:
@@ -82,19 +84,19 @@ def run_json(run: RunResult) -> dict:
         "jobs": run.jobs,
         "interrupted": run.interrupted,
         "duration": round(run.duration, 4),
-        "counts": {
-            status: run.count(status)
-            for status in ("done", "up to date", "failed", "skipped", "not started")
-        },
+        "counts": {outcome.value: run.count(outcome) for outcome in Outcome},
         "dry_run": run.dry_run,
         "schemas": [
             {
                 "org_id": r.org_id,
                 "schema": r.schema,
-                "status": r.status,
+                "status": r.outcome.value,
                 "migrations": r.migrations,
-                "failed_migration": r.failed_migration,
-                "error": r.error,
+                "failed_migration": r.failure.migration if r.failure else None,
+                "error": str(r.failure) if r.failure else None,
+                "sqlstate": r.failure.sqlstate if r.failure else None,
+                "file": r.failure.path if r.failure else None,
+                "line": r.failure.line if r.failure else None,
                 "duration": round(r.duration, 4),
             }
             for r in run.schemas
@@ -170,8 +172,8 @@ def dry_run(console: Console, run: RunResult) -> None:
     """Per schema, what a run would do: migration ids and their SQL."""
     verb = "apply" if run.direction == "apply" else "roll back"
     for result in run.schemas:
-        if result.error:
-            console.print(f"-- {_name(result)}: {result.error}")
+        if result.failure:
+            console.print(f"-- {_name(result)}: {result.failure}")
         elif result.migrations:
             console.print(f"-- {_name(result)}: would {verb} {', '.join(result.migrations)}")
             for line in result.sql:
@@ -192,11 +194,11 @@ def status(console: Console, report: Status, show_all: bool) -> None:
         console.print(f"public: drift: {problem}")
     states: dict[str, int] = {}
     for t in report.tenants:
-        key = "behind" if t.state.startswith("behind") else t.state
+        key = t.standing.value
         states[key] = states.get(key, 0) + 1
     summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none registered"
     console.print(f"tenants: {len(report.tenants)} ({summary}); head {report.tenant_head}")
-    shown = [t for t in report.tenants if show_all or t.state != "at head"]
+    shown = [t for t in report.tenants if show_all or t.standing != Standing.AT_HEAD]
     if shown:
         table = Table("org id", "schema", "state", "applied", "pending")
         for column in table.columns:

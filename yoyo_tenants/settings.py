@@ -45,6 +45,9 @@ class Settings:
     #: Seconds a migration statement may wait for a lock, and may run (0: no limit).
     lock_timeout: float = 5.0
     statement_timeout: float = 0.0
+    #: "on": every migration statement in a message of its own, as Citus needs; "auto": so
+    #: when the server has the citus extension; "off": never.
+    citus: str = "auto"
 
     @property
     def embedded(self) -> bool:
@@ -68,6 +71,7 @@ class Settings:
             tenant_dir=root / "migrations" / "tenant",
             lock_timeout=_seconds(env, "YOYO_TENANTS_LOCK_TIMEOUT", 5.0),
             statement_timeout=_seconds(env, "YOYO_TENANTS_STATEMENT_TIMEOUT", 0.0),
+            citus=_choice(env, "YOYO_TENANTS_CITUS", ("auto", "on", "off")),
         )
 
 
@@ -156,6 +160,13 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 <= seconds < 10**6:
         raise ConfigError(f"{name} must be a number of seconds, not {value!r}")
     return seconds
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {env[name]!r}")
+    return value
 
 
 def _port(value: str) -> str:
