@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from yoyo_tenants import migrate_master
 from yoyo_tenants.errors import ConfigError
 from yoyo_tenants.settings import Settings, connection_params, describe
 
-from .conftest import applied_ids, tables
+from .conftest import REPO, applied_ids, tables
 
 BASE = {"DB_HOST": "db.example.com", "DB_USER": "app", "DB_NAME": "coaching"}
 SECRET = "s3cr3t-Pa55word"
@@ -163,8 +166,8 @@ def test_a_malformed_database_url_is_a_config_error_that_hides_the_password():
 # -- no server configured: embedded ----------------------------------------------------------------
 
 
-def test_no_db_host_and_no_database_url_means_the_embedded_database(tmp_path):
-    env = {"DB_PORT": "5433", "DB_USER": "app", "DB_PASSWORD": SECRET, "DB_SSL": "true"}
+def test_no_db_variable_and_no_database_url_means_the_embedded_database(tmp_path):
+    env = {"YOYO_TENANTS_LOCK_TIMEOUT": "3", "PGHOST": "elsewhere"}
     assert connection_params(env) == {}
     settings = Settings.load(tmp_path, environ=env)
     assert settings.connection == {}
@@ -172,9 +175,37 @@ def test_no_db_host_and_no_database_url_means_the_embedded_database(tmp_path):
     assert settings.data_dir == tmp_path.resolve() / ".yoyo-tenants"
 
 
-@pytest.mark.parametrize("host", ["", "   "])
-def test_a_blank_db_host_means_the_embedded_database(host):
-    assert connection_params({"DB_HOST": host, "DB_NAME": "x"}) == {}
+@pytest.mark.parametrize(
+    "env",
+    [{"DB_HOST": ""}, {"DB_HOST": "   "}, {"DB_HOST": "", "DB_NAME": "", "DATABASE_URL": " "}],
+    ids=["DB_HOST empty", "DB_HOST blank", "all empty"],
+)
+def test_variables_that_are_all_empty_mean_the_embedded_database(env):
+    assert connection_params(env) == {}
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        (
+            {"DB_PORT": "5433", "DB_USER": "app", "DB_PASSWORD": SECRET},
+            "DB_PORT, DB_USER, DB_PASSWORD",
+        ),
+        ({"DB_HOST": "", "DB_NAME": "f2"}, "DB_NAME is set"),
+        ({"DB_HOST": "  ", "DB_SSL": "false"}, "DB_SSL is set"),
+        ({"DATABASE_URL": "", "DB_SSL_CERT_PATH": "ca.pem"}, "DB_SSL_CERT_PATH"),
+    ],
+    ids=["no DB_HOST", "empty DB_HOST", "blank DB_HOST", "empty DATABASE_URL"],
+)
+def test_db_variables_without_db_host_are_a_config_error_not_the_embedded_database(env, named):
+    """Before: these silently migrated a fresh embedded database."""
+    with pytest.raises(ConfigError) as info:
+        connection_params(env)
+    message = str(info.value)
+    assert message.startswith("DB_HOST is empty or unset but ")
+    assert named in message
+    assert SECRET not in message
+    assert info.value.exit_code == 2
 
 
 # -- .env ----------------------------------------------------------------------------------------
@@ -208,6 +239,105 @@ def test_a_bad_value_in_dotenv_is_a_config_error(tmp_path):
     (tmp_path / ".env").write_text("DB_HOST=h\nDB_PORT=fivefourthreetwo\n")
     with pytest.raises(ConfigError, match="DB_PORT"):
         Settings.load(tmp_path, environ={})
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ('DB_HOST=h\nDB_NAME="f2"x\n', 2),
+        ("DB NAME=f2\n", 1),
+        (f'DB_HOST=h\n\n\n# the password:\nDB_PASSWORD="{SECRET}\nDB_NAME=f2\n', 5),
+        ("APP_SECRET='f2'x\nDB_HOST=h\n", 1),
+    ],
+    ids=["text after quotes", "space in name", "unclosed quote", "not our variable"],
+)
+def test_a_dotenv_line_python_dotenv_cannot_parse_is_a_config_error_naming_it(tmp_path, text, line):
+    """Before: python-dotenv logged a warning, dropped the line, and with DB_NAME gone the
+    `postgres` database was migrated."""
+    (tmp_path / ".env").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Settings.load(tmp_path, environ={})
+    message = str(info.value)
+    assert message.startswith(f".env line {line} cannot be parsed: ")
+    assert "f2" not in message and SECRET not in message  # the line is never shown
+    assert info.value.exit_code == 2
+
+
+def test_a_dotenv_that_is_not_utf8_is_a_config_error_naming_the_line(tmp_path):
+    (tmp_path / ".env").write_bytes(b"DB_HOST=h\n# caf\xe9\nDB_NAME=app\n")
+    with pytest.raises(ConfigError, match=r"^\.env line 2 is not valid UTF-8$"):
+        Settings.load(tmp_path, environ={})
+
+
+def test_a_dotenv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    (tmp_path / ".env").write_text("\ufeffDB_HOST=filehost\n", encoding="utf-8")
+    assert Settings.load(tmp_path, environ={}).connection["host"] == "filehost"
+
+
+def test_one_of_our_names_without_an_equals_sign_in_dotenv_is_a_config_error(tmp_path):
+    (tmp_path / ".env").write_text("APP_FLAG\nDB_HOST=h\n\nDB_NAME\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(tmp_path, environ={})
+    assert str(info.value) == ".env line 4: DB_NAME has no '=' (write DB_NAME= to leave it empty)"
+
+
+def test_an_empty_db_host_in_dotenv_with_other_db_variables_is_a_config_error(tmp_path):
+    (tmp_path / ".env").write_text("DB_HOST=\nDB_NAME=app\nDB_PASSWORD=\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(tmp_path, environ={})
+    assert str(info.value).startswith("DB_HOST is empty or unset but DB_NAME is set: ")
+
+
+def test_an_empty_db_host_in_the_environment_does_not_fall_back_to_the_embedded_database(tmp_path):
+    (tmp_path / ".env").write_text("DB_HOST=filehost\nDB_NAME=app\n")
+    with pytest.raises(ConfigError, match="DB_HOST is empty or unset but DB_NAME is set"):
+        Settings.load(tmp_path, environ={"DB_HOST": ""})
+
+
+def test_the_example_dotenv_copied_as_is_keeps_the_embedded_database(tmp_path):
+    example = (REPO / ".env.example").read_text()
+    (tmp_path / ".env").write_text(example)
+    assert Settings.load(tmp_path, environ={}).embedded
+
+    server_lines = ("# DB_HOST=", "# DB_PORT=", "# DB_USER=", "# DB_PASSWORD=", "# DB_NAME=")
+    uncommented = "\n".join(
+        line.removeprefix("# ") if line.startswith(server_lines) else line
+        for line in example.splitlines()
+    )
+    (tmp_path / ".env").write_text(uncommented)
+    settings = Settings.load(tmp_path, environ={})
+    assert describe(settings.connection) == "app@localhost:5432/app"
+    assert settings.connection["sslmode"] == "disable"
+
+
+def invoke(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [('DB_NAME="f2"x\n', "error: .env line 1 cannot be parsed"), ("DB_HOST=\nDB_NAME=f2\n", "")],
+    ids=["unparseable line", "empty DB_HOST"],
+)
+def test_invoke_stops_at_a_bad_dotenv_with_one_line_and_exit_2(tmp_path, text, says):
+    (tmp_path / "tasks.py").write_text((REPO / "tasks.py").read_text())
+    (tmp_path / ".env").write_text(text)
+
+    done = invoke(tmp_path, "make-tenant", "add_column")  # needs settings, never a database
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(says or "error: DB_HOST is empty or unset but DB_NAME is set")
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "migrations").exists()
+    assert not (tmp_path / ".yoyo-tenants").exists()
 
 
 # -- never the password --------------------------------------------------------------------------

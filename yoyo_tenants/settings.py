@@ -2,11 +2,13 @@
 
 The variables are the original Knex tool's (DB_HOST, DB_PORT, DB_USER, DB_PASSWORD, DB_NAME, DB_SSL,
 DB_SSL_CERT_PATH, DB_SSL_REJECT_UNAUTHORIZED), plus DATABASE_URL as a one-line alternative. With
-neither DB_HOST nor DATABASE_URL set, the commands use a project-local embedded PostgreSQL.
+none of them set, the commands use a project-local embedded PostgreSQL. Nothing is guessed: a
+`.env` line that cannot be read, or DB_* variables without DB_HOST, are errors.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Mapping
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from psycopg2.extensions import parse_dsn
 
 from .errors import ConfigError
@@ -59,7 +62,7 @@ class Settings:
     def load(cls, root: Path | str = ".", environ: Mapping[str, str] | None = None) -> Settings:
         """Read settings for the project in `root`; the real environment wins over `.env`."""
         root = Path(root).resolve()
-        env = {k: v for k, v in dotenv_values(root / ".env").items() if v is not None}
+        env = read_dotenv(root / ".env")
         env.update(os.environ if environ is None else environ)
         return cls(
             root=root,
@@ -71,10 +74,58 @@ class Settings:
         )
 
 
+# -- .env ----------------------------------------------------------------------------------------
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The variables `.env` at `path` sets ({} when there is none).
+
+    A line python-dotenv cannot parse, or bytes that are not UTF-8, are errors naming the line:
+    python-dotenv itself only logs a warning and goes on without the line. The line's text is
+    never shown: it may hold a password.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a BOM would otherwise become part of the first name
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f".env line {line} is not valid UTF-8") from None
+    for binding in parse_stream(io.StringIO(text)):
+        # A binding's text starts with the blank lines before it; the line we name does not.
+        before = binding.original.string
+        line = binding.original.line + before[: len(before) - len(before.lstrip())].count("\n")
+        if binding.error:
+            raise ConfigError(
+                f".env line {line} cannot be parsed: write NAME=value, and quote a value that "
+                "holds quotes, spaces or '#' as a whole"
+            )
+        if binding.value is None and _ours(binding.key):
+            name = binding.key
+            raise ConfigError(
+                f".env line {line}: {name} has no '=' (write {name}= to leave it empty)"
+            )
+    values = dotenv_values(stream=io.StringIO(text))  # parsed again, for its ${VAR} expansion
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _ours(name: str | None) -> bool:
+    return name is not None and (name in VARIABLES or name.startswith("YOYO_TENANTS_"))
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
 def connection_params(env: Mapping[str, str]) -> dict[str, str]:
     """Map the DB_* variables (or DATABASE_URL) to libpq keyword parameters.
 
-    Returns an empty dict when neither DB_HOST nor DATABASE_URL is set: use the embedded database.
+    A variable whose value is empty or blank counts as unset. Returns an empty dict when none is
+    set: use the embedded database. DB_* variables without DB_HOST are an error, not the embedded
+    database.
     """
     for name in VARIABLES:
         if "\x00" in env.get(name, ""):
@@ -97,6 +148,13 @@ def connection_params(env: Mapping[str, str]) -> dict[str, str]:
         if env.get("DB_PASSWORD"):
             params["password"] = env["DB_PASSWORD"]
     else:
+        given = ", ".join(name for name in VARIABLES if env.get(name, "").strip())
+        if given:
+            raise ConfigError(
+                f"DB_HOST is empty or unset but {given} {'are' if ',' in given else 'is'} set: "
+                f"set DB_HOST (or DATABASE_URL) to use a server, or unset {given} to use the "
+                "embedded database"
+            )
         return {}
     if "DB_SSL" in env or "sslmode" not in params:
         params.update(ssl_params(env))
@@ -131,6 +189,9 @@ def describe(params: Mapping[str, str]) -> str:
 def _printable(text: str) -> str:
     """`text` with control characters escaped, so that a message stays on one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# -- values --------------------------------------------------------------------------------------
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
