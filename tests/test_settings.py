@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
+import hypothesis
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
+from psycopg2 import sql
 
 from yoyo_tenants import migrate_master
-from yoyo_tenants.errors import ConfigError
+from yoyo_tenants.db import connect
+from yoyo_tenants.errors import ConfigError, ConnectionFailed
 from yoyo_tenants.settings import Settings, connection_params, describe
 
-from .conftest import REPO, applied_ids, tables
+from . import servers
+from .conftest import REPO, Admin, applied_ids, tables
 
 BASE = {"DB_HOST": "db.example.com", "DB_USER": "app", "DB_NAME": "coaching"}
 SECRET = "s3cr3t-Pa55word"
@@ -161,6 +169,66 @@ def test_a_malformed_database_url_is_a_config_error_that_hides_the_password():
         connection_params({"DATABASE_URL": f"postgresql://app:{SECRET}@[::1/crm"})
     assert "DATABASE_URL" in str(info.value)
     assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "password", ["Pa/ss9word", "12/34", "p@ssword", "p@ss/word", "/leading", "trailing@"]
+)
+def test_a_password_with_an_unencoded_slash_or_at_is_refused_without_showing_any_of_it(password):
+    """libpq would read `app:Pa/ss9word@db/crm` as host `app`, port `Pa`, database
+    `ss9word@db/crm`: before, the message then showed `@app:Pa/ss9word@db...`."""
+    with pytest.raises(ConfigError) as info:
+        connection_params({"DATABASE_URL": f"postgresql://app:{password}@db.internal/crm"})
+    message = str(info.value)
+    assert message.startswith("DATABASE_URL has an '@' that does not end the user name")
+    assert "%40" in message and "%2F" in message
+    assert message == refusal("postgresql://app:x/y@db.internal/crm")  # one fixed sentence
+
+
+@pytest.mark.parametrize("password", ["Pa/ss9word", "p@ss:w%rd?#", " a b ", "é€"])
+def test_a_percent_encoded_password_is_read_back_exactly(password):
+    url = f"postgresql://app:{quote(password, safe='')}@db.internal:5433/crm"
+    params = connection_params({"DATABASE_URL": url})
+    assert (params["user"], params["password"]) == ("app", password)
+    assert (params["host"], params["port"], params["dbname"]) == ("db.internal", "5433", "crm")
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        (f"host=db.internal password={SECRET}", "must be a URL starting with postgresql://"),
+        (f"mysql://app:{SECRET}@db/crm", "must be a URL starting with postgresql://"),
+        (f"postgresql://app:{SECRET}%zz@db/crm", "'%' that is not followed by two hex digits"),
+        (f"postgresql://app:{SECRET}%00@db/crm", "'%' that is not followed by two hex digits"),
+        (f"postgresql://app:{SECRET}@db:fivefour/crm", "port must be a port number"),
+        (f"postgresql://app:{SECRET}@db/crm?application_name=a@b", "'@' that does not end"),
+        (f"postgresql://app:{SECRET}@db/crm?nosuchparam=1", "not a valid PostgreSQL connection"),
+    ],
+    ids=["key=value", "mysql", "bad percent", "%00", "port", "@ in a parameter", "unknown param"],
+)
+def test_a_database_url_libpq_cannot_use_is_one_line_that_never_echoes_it(url, says):
+    with pytest.raises(ConfigError) as info:
+        connection_params({"DATABASE_URL": url})
+    message = str(info.value)
+    assert says in message
+    assert SECRET not in message and "db" not in message.replace("dbname", "")
+    assert "\n" not in message
+    # nothing chained either: a traceback would print libpq's text, which quotes the URL
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None or info.value.__suppress_context__
+
+
+def refusal(url: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        connection_params({"DATABASE_URL": url})
+    return str(info.value)
+
+
+def test_a_database_url_may_name_several_hosts_and_a_socket_folder():
+    several = connection_params({"DATABASE_URL": "postgresql://u@h1:5432,h2:5433/d"})
+    assert (several["host"], several["port"]) == ("h1,h2", "5432,5433")
+    socket_folder = connection_params({"DATABASE_URL": "postgresql:///d?host=/run/pg&port=5"})
+    assert (socket_folder["host"], socket_folder["port"]) == ("/run/pg", "5")
 
 
 # -- no server configured: embedded ----------------------------------------------------------------
@@ -379,3 +447,127 @@ def test_settings_loaded_from_db_variables_connect_and_migrate_master(project, d
     master = sorted(p.stem for p in settings.master_dir.glob("*.sql") if ".rollback" not in p.name)
     assert applied_ids(database, "public") == master
     assert run.schemas[0].migrations == master
+
+
+# -- never the password, whatever it holds -------------------------------------------------------
+
+ROLE = "pw_app"
+RIGHT = "Right-horse-battery-staple"
+INNOCENT = "zQ7xK2mWp9vL"  # a wrong password none of our messages could contain by chance
+HOW = ("DB_PASSWORD", "DATABASE_URL percent-encoded", "DATABASE_URL as typed")
+TARGETS = ("wrong password", "unreachable", "malformed")
+PASSWORDS = st.one_of(
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=24),
+    st.text("/@:%?#[]'\" \\ae5é€", min_size=1, max_size=8),
+    st.sampled_from(["Pa/ss9word", "p@ss", "s", "se", "e ", "%", "%2F", "ü", "'", '"', " "]),
+)
+
+
+def closed_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """A PostgreSQL on TCP where ROLE logs in with its password (scram-sha-256)."""
+    with servers.postgres(hba=("host all all 127.0.0.1/32 scram-sha-256",)) as postgres:
+        with Admin(postgres.socket_params()) as admin:
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(ROLE), sql.Literal(RIGHT)
+                )
+            )
+        yield postgres
+
+
+@pytest.fixture(scope="module")
+def ports(guarded):
+    return {"wrong password": str(guarded.port), "unreachable": closed_port(), "malformed": "x"}
+
+
+def env_for(how: str, password: str, port: str) -> dict[str, str]:
+    if how == "DB_PASSWORD":
+        return {
+            "DB_HOST": "127.0.0.1",
+            "DB_PORT": port,
+            "DB_USER": ROLE,
+            "DB_NAME": "postgres",
+            "DB_PASSWORD": password,
+        }
+    if how == "DATABASE_URL percent-encoded":
+        password = quote(password, safe="")
+    return {"DATABASE_URL": f"postgresql://{ROLE}:{password}@127.0.0.1:{port}/postgres"}
+
+
+def what_the_user_sees(root: Path, env: dict[str, str]) -> list[str]:
+    """The error's message and repr, and the settings' repr when they loaded."""
+    try:
+        loaded = Settings.load(root, environ=env)
+    except ConfigError as exc:
+        return [str(exc), repr(exc)]
+    with pytest.raises(ConnectionFailed) as info:
+        connect(loaded.connection).close()
+    return [str(info.value), repr(info.value), repr(loaded)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("project")
+
+
+@pytest.fixture(scope="module")
+def innocent(root, ports):
+    """What the user sees, per way and target, with a password that cannot occur in it."""
+    return {
+        (how, target): what_the_user_sees(root, env_for(how, INNOCENT, port))
+        for how in HOW
+        for target, port in ports.items()
+    }
+
+
+# The fixed sentences that refuse a DATABASE_URL libpq would misread.
+MISREAD = {refusal(f"postgresql://u:{typed}@h/d") for typed in ("a/b", "a%zb", "%FF")}
+
+
+def test_the_right_password_connects_and_a_wrong_one_is_refused_by_the_server(
+    guarded, root, innocent
+):
+    """The control for the tests below: the server does check the password."""
+    for how in HOW:
+        loaded = Settings.load(root, environ=env_for(how, RIGHT, str(guarded.port)))
+        connect(loaded.connection).close()
+        refused = innocent[how, "wrong password"][0]
+        assert refused.startswith(f"cannot connect to {ROLE}@127.0.0.1:{guarded.port}/postgres: ")
+        assert f'password authentication failed for user "{ROLE}"' in refused
+    assert "Connection refused" in innocent["DB_PASSWORD", "unreachable"][0]
+    assert "DB_PORT must be a port number" in innocent["DB_PASSWORD", "malformed"][0]
+    assert "DATABASE_URL's port must be" in innocent["DATABASE_URL as typed", "malformed"][0]
+
+
+@pytest.mark.parametrize("password", ["s", "se", "e", "on", "ec"])
+def test_a_short_password_does_not_mangle_the_message(root, ports, innocent, password):
+    """Before: it was replaced by *** in libpq's words ("Name or ***rvice not known")."""
+    for (how, target), expected in innocent.items():
+        assert what_the_user_sees(root, env_for(how, password, ports[target])) == expected
+
+
+@hypothesis.settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(password=PASSWORDS, how=st.sampled_from(HOW), target=st.sampled_from(TARGETS))
+def test_a_password_never_shows_whatever_it_holds(root, ports, innocent, password, how, target):
+    """The user sees exactly what they would see with another password: so no part and no form
+    of it shows, and nothing was masked. Only a URL that libpq would misread (an unencoded '@'
+    or '/', a stray '%') is refused instead, with a fixed sentence."""
+    seen = what_the_user_sees(root, env_for(how, password, ports[target]))
+
+    assert all(text.isprintable() for text in seen)  # one line, no control characters
+    if seen != innocent[how, target]:
+        assert how == "DATABASE_URL as typed"
+        assert seen[0] in MISREAD
+    ours = " ".join([*innocent[how, target], *MISREAD])
+    for form in {password, quote(password, safe=""), repr(password)}:
+        if form not in ours:  # a form our own words hold by chance ("e") proves nothing
+            assert not any(form in text for text in seen)

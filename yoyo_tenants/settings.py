@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
+from psycopg2 import ProgrammingError
 from psycopg2.extensions import parse_dsn
 
 from .errors import ConfigError
@@ -34,6 +35,7 @@ VARIABLES = (
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})|%00")
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,7 @@ def connection_params(env: Mapping[str, str]) -> dict[str, str]:
     url = env.get("DATABASE_URL", "").strip()
     host = env.get("DB_HOST", "").strip()
     if url:
-        try:
-            params = parse_dsn(url)
-        except Exception as exc:  # psycopg2 raises ProgrammingError with libpq's words
-            # libpq's message may quote the URL, password included: say only what is wrong.
-            raise ConfigError("DATABASE_URL is not a valid PostgreSQL connection URL") from exc
+        params = url_params(url)
     elif host:
         params = {
             "host": host,
@@ -163,6 +161,43 @@ def connection_params(env: Mapping[str, str]) -> dict[str, str]:
     return params
 
 
+def url_params(url: str) -> dict[str, str]:
+    """libpq parameters from a DATABASE_URL; never a message that quotes it.
+
+    libpq ends the user name and password at the first '@', and only looks for one before the
+    first '/': an '@' or '/' left unencoded in a password moves the rest of it into the host,
+    port, database name or another parameter, which messages do show. Such URLs are refused.
+    """
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigError("DATABASE_URL must be a URL starting with postgresql:// or postgres://")
+    credentials, at, after = rest.partition("@")
+    if at and ("/" in credentials or "@" in after):
+        raise ConfigError(
+            "DATABASE_URL has an '@' that does not end the user name and password: write '@' "
+            "and '/' in the user name, password and parameters as %40 and %2F"
+        )
+    if _PERCENT.search(url):
+        raise ConfigError(
+            "DATABASE_URL has a '%' that is not followed by two hex digits (or is %00): write a "
+            "'%' in the password as %25"
+        )
+    try:
+        params = parse_dsn(url)
+    except UnicodeDecodeError:
+        raise ConfigError("DATABASE_URL has percent-encoded bytes that are not UTF-8") from None
+    except ProgrammingError:
+        # libpq's reason quotes the URL or a part of it, password included: say only what is
+        # wrong, and chain nothing that a traceback would print.
+        raise ConfigError(
+            "DATABASE_URL is not a valid PostgreSQL connection URL "
+            "(postgresql://user:password@host:port/dbname?param=value)"
+        ) from None
+    if not all(not port or _is_port(port) for port in params.get("port", "").split(",")):
+        raise ConfigError("DATABASE_URL's port must be a port number")
+    return params
+
+
 def ssl_params(env: Mapping[str, str]) -> dict[str, str]:
     """DB_SSL=true verifies the server (verify-full) unless DB_SSL_REJECT_UNAUTHORIZED=false."""
     if not _flag(env, "DB_SSL", default=False):
@@ -183,10 +218,10 @@ def describe(params: Mapping[str, str]) -> str:
     """A connection's name for messages: user@host:port/dbname, never the password."""
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
-    return _printable(f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}")
+    return printable(f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}")
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """`text` with control characters escaped, so that a message stays on one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
@@ -220,6 +255,10 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _port(value: str) -> str:
-    if not re.fullmatch(r"[0-9]{1,5}", value.strip()) or not 0 < int(value) < 65536:
+    if not _is_port(value):
         raise ConfigError(f"DB_PORT must be a port number, not {value!r}")
     return str(int(value))
+
+
+def _is_port(value: str) -> bool:
+    return bool(re.fullmatch(r"[0-9]{1,5}", value.strip())) and 0 < int(value) < 65536
