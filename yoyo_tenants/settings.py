@@ -1,4 +1,5 @@
-"""Where the database is and where the migrations are: read from the environment and `.env`.
+"""Where the database is and where the migrations are: read from the environment, `.env` and the
+`[tool.yoyo-tenants]` table of `pyproject.toml`.
 
 The variables are the original Knex tool's (DB_HOST, DB_PORT, DB_USER, DB_PASSWORD, DB_NAME, DB_SSL,
 DB_SSL_CERT_PATH, DB_SSL_REJECT_UNAUTHORIZED), plus DATABASE_URL as a one-line alternative. With
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,11 @@ from psycopg2 import ProgrammingError
 from psycopg2.extensions import parse_dsn
 
 from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 VARIABLES = (
     "DATABASE_URL",
@@ -35,6 +42,7 @@ VARIABLES = (
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_TABLE = "pyproject.toml [tool.yoyo-tenants]"
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})|%00")
 
 
@@ -50,6 +58,8 @@ class Settings:
     #: Seconds a migration statement may wait for a lock, and may run (0: no limit).
     lock_timeout: float = 5.0
     statement_timeout: float = 0.0
+    #: SQL returning (tenant id, schema name) rows; None: the registry, public.tenants.
+    tenants_query: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -64,15 +74,17 @@ class Settings:
     def load(cls, root: Path | str = ".", environ: Mapping[str, str] | None = None) -> Settings:
         """Read settings for the project in `root`; the real environment wins over `.env`."""
         root = Path(root).resolve()
+        master_dir, tenant_dir, tenants_query = project_config(root)
         env = read_dotenv(root / ".env")
         env.update(os.environ if environ is None else environ)
         return cls(
             root=root,
             connection=connection_params(env),
-            master_dir=root / "migrations" / "master",
-            tenant_dir=root / "migrations" / "tenant",
+            master_dir=master_dir,
+            tenant_dir=tenant_dir,
             lock_timeout=_seconds(env, "YOYO_TENANTS_LOCK_TIMEOUT", 5.0),
             statement_timeout=_seconds(env, "YOYO_TENANTS_STATEMENT_TIMEOUT", 0.0),
+            tenants_query=tenants_query,
         )
 
 
@@ -224,6 +236,67 @@ def describe(params: Mapping[str, str]) -> str:
 def printable(text: str) -> str:
     """`text` with control characters escaped, so that a message stays on one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# -- pyproject.toml ------------------------------------------------------------------------------
+
+
+def project_config(root: Path) -> tuple[Path, Path, str | None]:
+    """The master and tenant migration folders and the tenants query, from `[tool.yoyo-tenants]`
+    in `root`'s pyproject.toml. Every key is optional; an unknown key is an error."""
+    table = _yoyo_tenants_table(root / "pyproject.toml")
+    unknown = sorted(set(table) - {"master-migrations", "tenant-migrations", "tenants-query"})
+    if unknown:
+        raise ConfigError(
+            f"{_TABLE} has an unknown key {unknown[0]!r} "
+            "(known: master-migrations, tenant-migrations, tenants-query)"
+        )
+    master_dir = _folder(root, table, "master-migrations", "migrations/master")
+    tenant_dir = _folder(root, table, "tenant-migrations", "migrations/tenant")
+    if master_dir == tenant_dir:
+        raise ConfigError(f"{_TABLE} master-migrations and tenant-migrations are the same folder")
+    query = _string(table, "tenants-query", None)
+    if query is not None and not query.strip():
+        raise ConfigError(f"{_TABLE} tenants-query is empty")
+    return master_dir, tenant_dir, None if query is None else query.strip()
+
+
+def _yoyo_tenants_table(path: Path) -> dict:
+    try:
+        text = path.read_bytes().decode()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("pyproject.toml is not valid UTF-8") from None
+    try:
+        tool = tomllib.loads(text).get("tool", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"pyproject.toml is not valid TOML: {exc}") from None
+    table = tool.get("yoyo-tenants", {}) if isinstance(tool, dict) else {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{_TABLE} must be a table")
+    return table
+
+
+def _string(table: Mapping[str, object], key: str, default: str | None) -> str | None:
+    value = table.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{_TABLE} {key} must be a string")
+    if value is not None and "\x00" in value:
+        raise ConfigError(f"{_TABLE} {key} contains a NUL character")
+    return value
+
+
+def _folder(root: Path, table: Mapping[str, object], key: str, default: str) -> Path:
+    """A migrations folder: a path relative to the project root that stays inside it. The
+    project's pyproject.toml is shared, so a path that only exists on one machine is refused."""
+    value = _string(table, key, default)
+    folder = Path(os.path.normpath(root / value)) if value else None
+    if folder is None or Path(value).is_absolute() or not folder.is_relative_to(root):
+        raise ConfigError(f"{_TABLE} {key} must be a folder inside the project, relative to it")
+    return folder
 
 
 # -- values --------------------------------------------------------------------------------------
