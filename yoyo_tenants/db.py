@@ -9,7 +9,7 @@ import psycopg2
 
 from . import embedded
 from .errors import ConnectionFailed, Failure
-from .settings import Settings, describe
+from .settings import Settings, describe, printable
 
 # SQLSTATEs with advice beyond PostgreSQL's own words.
 _HINTS = {
@@ -41,14 +41,17 @@ def connect(params: Mapping[str, str]):
 
 
 def connection_failed(params: Mapping[str, str], exc: Exception) -> ConnectionFailed:
+    """One line naming the connection by its parameters (never the password) and libpq's reason.
+
+    libpq's reasons name the host, port, user and database, never the password; the settings
+    refuse a DATABASE_URL that libpq would misread into putting part of a password in one of
+    those. So nothing is masked here: replacing a short password in the text mangles words.
+    """
     if isinstance(exc, UnicodeDecodeError):
         # libpq's message quoted a name the server cut mid-character (63 bytes).
         reason = "the server refused it, in a message that is not valid UTF-8"
     else:
-        reason = " ".join(str(exc).split()).removeprefix("FATAL: ")
-    password = params.get("password")
-    if password:  # libpq never echoes it, but a user-supplied URL in a message might
-        reason = reason.replace(password, "***")
+        reason = printable(" ".join(str(exc).split()).removeprefix("FATAL: "))
     return ConnectionFailed(f"cannot connect to {describe(params)}: {reason}")
 
 

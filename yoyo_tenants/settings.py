@@ -1,22 +1,33 @@
-"""Where the database is and where the migrations are: read from the environment and `.env`.
+"""Where the database is and where the migrations are: read from the environment, `.env` and the
+`[tool.yoyo-tenants]` table of `pyproject.toml`.
 
 The variables are the original Knex tool's (DB_HOST, DB_PORT, DB_USER, DB_PASSWORD, DB_NAME, DB_SSL,
 DB_SSL_CERT_PATH, DB_SSL_REJECT_UNAUTHORIZED), plus DATABASE_URL as a one-line alternative. With
-neither DB_HOST nor DATABASE_URL set, the commands use a project-local embedded PostgreSQL.
+none of them set, the commands use a project-local embedded PostgreSQL. Nothing is guessed: a
+`.env` line that cannot be read, or DB_* variables without DB_HOST, are errors.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+from psycopg2 import ProgrammingError
 from psycopg2.extensions import parse_dsn
 
 from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 VARIABLES = (
     "DATABASE_URL",
@@ -31,6 +42,8 @@ VARIABLES = (
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_TABLE = "pyproject.toml [tool.yoyo-tenants]"
+_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})|%00")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,8 @@ class Settings:
     #: "on": every migration statement in a message of its own, as Citus needs; "auto": so
     #: when the server has the citus extension; "off": never.
     citus: str = "auto"
+    #: SQL returning (tenant id, schema name) rows; None: the registry, public.tenants.
+    tenants_query: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -62,23 +77,73 @@ class Settings:
     def load(cls, root: Path | str = ".", environ: Mapping[str, str] | None = None) -> Settings:
         """Read settings for the project in `root`; the real environment wins over `.env`."""
         root = Path(root).resolve()
-        env = {k: v for k, v in dotenv_values(root / ".env").items() if v is not None}
+        master_dir, tenant_dir, tenants_query = project_config(root)
+        env = read_dotenv(root / ".env")
         env.update(os.environ if environ is None else environ)
         return cls(
             root=root,
             connection=connection_params(env),
-            master_dir=root / "migrations" / "master",
-            tenant_dir=root / "migrations" / "tenant",
+            master_dir=master_dir,
+            tenant_dir=tenant_dir,
             lock_timeout=_seconds(env, "YOYO_TENANTS_LOCK_TIMEOUT", 5.0),
             statement_timeout=_seconds(env, "YOYO_TENANTS_STATEMENT_TIMEOUT", 0.0),
             citus=_choice(env, "YOYO_TENANTS_CITUS", ("auto", "on", "off")),
+            tenants_query=tenants_query,
         )
+
+
+# -- .env ----------------------------------------------------------------------------------------
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The variables `.env` at `path` sets ({} when there is none).
+
+    A line python-dotenv cannot parse, or bytes that are not UTF-8, are errors naming the line:
+    python-dotenv itself only logs a warning and goes on without the line. The line's text is
+    never shown: it may hold a password.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a BOM would otherwise become part of the first name
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f".env line {line} is not valid UTF-8") from None
+    for binding in parse_stream(io.StringIO(text)):
+        # A binding's text starts with the blank lines before it; the line we name does not.
+        before = binding.original.string
+        line = binding.original.line + before[: len(before) - len(before.lstrip())].count("\n")
+        if binding.error:
+            raise ConfigError(
+                f".env line {line} cannot be parsed: write NAME=value, and quote a value that "
+                "holds quotes, spaces or '#' as a whole"
+            )
+        if binding.value is None and _ours(binding.key):
+            name = binding.key
+            raise ConfigError(
+                f".env line {line}: {name} has no '=' (write {name}= to leave it empty)"
+            )
+    values = dotenv_values(stream=io.StringIO(text))  # parsed again, for its ${VAR} expansion
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _ours(name: str | None) -> bool:
+    return name is not None and (name in VARIABLES or name.startswith("YOYO_TENANTS_"))
+
+
+# -- the server ----------------------------------------------------------------------------------
 
 
 def connection_params(env: Mapping[str, str]) -> dict[str, str]:
     """Map the DB_* variables (or DATABASE_URL) to libpq keyword parameters.
 
-    Returns an empty dict when neither DB_HOST nor DATABASE_URL is set: use the embedded database.
+    A variable whose value is empty or blank counts as unset. Returns an empty dict when none is
+    set: use the embedded database. DB_* variables without DB_HOST are an error, not the embedded
+    database.
     """
     for name in VARIABLES:
         if "\x00" in env.get(name, ""):
@@ -86,11 +151,7 @@ def connection_params(env: Mapping[str, str]) -> dict[str, str]:
     url = env.get("DATABASE_URL", "").strip()
     host = env.get("DB_HOST", "").strip()
     if url:
-        try:
-            params = parse_dsn(url)
-        except Exception as exc:  # psycopg2 raises ProgrammingError with libpq's words
-            # libpq's message may quote the URL, password included: say only what is wrong.
-            raise ConfigError("DATABASE_URL is not a valid PostgreSQL connection URL") from exc
+        params = url_params(url)
     elif host:
         params = {
             "host": host,
@@ -101,11 +162,55 @@ def connection_params(env: Mapping[str, str]) -> dict[str, str]:
         if env.get("DB_PASSWORD"):
             params["password"] = env["DB_PASSWORD"]
     else:
+        given = ", ".join(name for name in VARIABLES if env.get(name, "").strip())
+        if given:
+            raise ConfigError(
+                f"DB_HOST is empty or unset but {given} {'are' if ',' in given else 'is'} set: "
+                f"set DB_HOST (or DATABASE_URL) to use a server, or unset {given} to use the "
+                "embedded database"
+            )
         return {}
     if "DB_SSL" in env or "sslmode" not in params:
         params.update(ssl_params(env))
     params.setdefault("connect_timeout", "10")
     params.setdefault("application_name", "yoyo-tenants")
+    return params
+
+
+def url_params(url: str) -> dict[str, str]:
+    """libpq parameters from a DATABASE_URL; never a message that quotes it.
+
+    libpq ends the user name and password at the first '@', and only looks for one before the
+    first '/': an '@' or '/' left unencoded in a password moves the rest of it into the host,
+    port, database name or another parameter, which messages do show. Such URLs are refused.
+    """
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigError("DATABASE_URL must be a URL starting with postgresql:// or postgres://")
+    credentials, at, after = rest.partition("@")
+    if at and ("/" in credentials or "@" in after):
+        raise ConfigError(
+            "DATABASE_URL has an '@' that does not end the user name and password: write '@' "
+            "and '/' in the user name, password and parameters as %40 and %2F"
+        )
+    if _PERCENT.search(url):
+        raise ConfigError(
+            "DATABASE_URL has a '%' that is not followed by two hex digits (or is %00): write a "
+            "'%' in the password as %25"
+        )
+    try:
+        params = parse_dsn(url)
+    except UnicodeDecodeError:
+        raise ConfigError("DATABASE_URL has percent-encoded bytes that are not UTF-8") from None
+    except ProgrammingError:
+        # libpq's reason quotes the URL or a part of it, password included: say only what is
+        # wrong, and chain nothing that a traceback would print.
+        raise ConfigError(
+            "DATABASE_URL is not a valid PostgreSQL connection URL "
+            "(postgresql://user:password@host:port/dbname?param=value)"
+        ) from None
+    if not all(not port or _is_port(port) for port in params.get("port", "").split(",")):
+        raise ConfigError("DATABASE_URL's port must be a port number")
     return params
 
 
@@ -129,12 +234,76 @@ def describe(params: Mapping[str, str]) -> str:
     """A connection's name for messages: user@host:port/dbname, never the password."""
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
-    return _printable(f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}")
+    return printable(f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}")
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """`text` with control characters escaped, so that a message stays on one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# -- pyproject.toml ------------------------------------------------------------------------------
+
+
+def project_config(root: Path) -> tuple[Path, Path, str | None]:
+    """The master and tenant migration folders and the tenants query, from `[tool.yoyo-tenants]`
+    in `root`'s pyproject.toml. Every key is optional; an unknown key is an error."""
+    table = _yoyo_tenants_table(root / "pyproject.toml")
+    unknown = sorted(set(table) - {"master-migrations", "tenant-migrations", "tenants-query"})
+    if unknown:
+        raise ConfigError(
+            f"{_TABLE} has an unknown key {unknown[0]!r} "
+            "(known: master-migrations, tenant-migrations, tenants-query)"
+        )
+    master_dir = _folder(root, table, "master-migrations", "migrations/master")
+    tenant_dir = _folder(root, table, "tenant-migrations", "migrations/tenant")
+    if master_dir == tenant_dir:
+        raise ConfigError(f"{_TABLE} master-migrations and tenant-migrations are the same folder")
+    query = _string(table, "tenants-query", None)
+    if query is not None and not query.strip():
+        raise ConfigError(f"{_TABLE} tenants-query is empty")
+    return master_dir, tenant_dir, None if query is None else query.strip()
+
+
+def _yoyo_tenants_table(path: Path) -> dict:
+    try:
+        text = path.read_bytes().decode()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("pyproject.toml is not valid UTF-8") from None
+    try:
+        tool = tomllib.loads(text).get("tool", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"pyproject.toml is not valid TOML: {exc}") from None
+    table = tool.get("yoyo-tenants", {}) if isinstance(tool, dict) else {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{_TABLE} must be a table")
+    return table
+
+
+def _string(table: Mapping[str, object], key: str, default: str | None) -> str | None:
+    value = table.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{_TABLE} {key} must be a string")
+    if value is not None and "\x00" in value:
+        raise ConfigError(f"{_TABLE} {key} contains a NUL character")
+    return value
+
+
+def _folder(root: Path, table: Mapping[str, object], key: str, default: str) -> Path:
+    """A migrations folder: a path relative to the project root that stays inside it. The
+    project's pyproject.toml is shared, so a path that only exists on one machine is refused."""
+    value = _string(table, key, default)
+    folder = Path(os.path.normpath(root / value)) if value else None
+    if folder is None or Path(value).is_absolute() or not folder.is_relative_to(root):
+        raise ConfigError(f"{_TABLE} {key} must be a folder inside the project, relative to it")
+    return folder
+
+
+# -- values --------------------------------------------------------------------------------------
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -170,6 +339,10 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
 
 
 def _port(value: str) -> str:
-    if not re.fullmatch(r"[0-9]{1,5}", value.strip()) or not 0 < int(value) < 65536:
+    if not _is_port(value):
         raise ConfigError(f"DB_PORT must be a port number, not {value!r}")
     return str(int(value))
+
+
+def _is_port(value: str) -> bool:
+    return bool(re.fullmatch(r"[0-9]{1,5}", value.strip())) and 0 < int(value) < 65536
