@@ -324,7 +324,7 @@ def with_log(
 
     def work(cursor, schema: str) -> None:
         log = f"{ident(schema)}._yoyo_log"
-        create_log = log_sql.CREATE_SQL.format(log=log) + ";" if create else ""
+        create_log = log_sql.create_sql(schema).as_string(cursor) + ";" if create else ""
         cursor.execute(
             f"BEGIN;\nSELECT set_config('search_path', '{ident(schema)}, public', true), "
             f"pg_try_advisory_xact_lock(hashtextextended('{schema}', 0));\n{create_log}{body}"

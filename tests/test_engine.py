@@ -418,3 +418,43 @@ def test_a_new_org_whose_schema_another_session_holds_waits_for_it(project, data
     assert time.monotonic() - started >= 0.9  # it waited instead of going ahead
     assert done.created and done.migrations == TENANT_IDS
     assert tables(database, schema) == TENANT_TABLES | YOYO_TABLES
+
+
+def test_a_role_a_non_transactional_migration_takes_is_gone_before_the_next_tenant(
+    project, database
+):
+    migrate_master(project)
+    tenants = [provision_tenant(project, org).tenant for org in ("org_nontx1", "org_nontx2")]
+    query(database, "CREATE ROLE engine_nontx")
+    (project.tenant_dir / "20300101000100_as_other.py").write_text(
+        "from yoyo import step\n"
+        "__transactional__ = False\n"
+        "def apply(conn):\n"
+        "    conn.cursor().execute('SET SESSION AUTHORIZATION engine_nontx')\n"
+        "steps = [step(apply)]\n"
+    )
+    (project.tenant_dir / "20300101000200_after.sql").write_text("CREATE TABLE later (i int);")
+
+    run = migrate_tenants(project, jobs=1)  # one connection serves both tenants
+
+    assert run.ok, run.failed
+    owners = query(database, "SELECT DISTINCT tableowner FROM pg_tables WHERE tablename = 'later'")
+    assert owners == [("postgres",)]
+    assert all("later" in tables(database, t.schema) for t in tenants)
+
+
+def test_what_is_pending_is_worked_out_once_per_distinct_log(project, monkeypatch):
+    from yoyo_tenants import plan
+
+    migrate_master(project)
+    for i in range(12):
+        provision_tenant(project, f"org_same{i}")
+    add_nickname(project)
+    calls = []
+    real = plan.pending
+    monkeypatch.setattr(plan, "pending", lambda *args: calls.append(1) or real(*args))
+
+    run = migrate_tenants(project, jobs=3)
+
+    assert run.ok and run.count("done") == 12
+    assert len(calls) == 1  # twelve tenants, one log between them

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
@@ -38,11 +39,12 @@ class ApplyPlan:
         self.batch: int | None = None
 
     def choose(self, log: Log) -> list[Migration]:
-        if not self.allow_drift and (problems := drift(log.applied, self.migrations)):
+        problems, todo = _pending(self.migrations, tuple(log.applied), self.allow_drift)
+        if problems:
             raise Drift(self.schema, problems)
         if self.batch is None:  # one batch for the whole run, even over several transactions
             self.batch = next_batch(log.applied)
-        return pending(self.migrations, log.applied)
+        return todo
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,22 @@ class RollbackPlan:
             self.chosen = [row.migration_hash for row in rows]
         still_applied = {row.migration_hash for row in log.applied}
         return [self.files[h] for h in self.chosen if h in still_applied]
+
+
+#: What is pending (and the drift) for each distinct log a run meets, per folder of migrations:
+#: thousands of tenants share a handful of logs, and sorting them is the costly part.
+_worked_out: WeakKeyDictionary[MigrationList, dict] = WeakKeyDictionary()
+
+
+def _pending(
+    migrations: MigrationList, applied: tuple[AppliedMigration, ...], allow_drift: bool
+) -> tuple[list[str], list[Migration]]:
+    known = _worked_out.setdefault(migrations, {})
+    key = (allow_drift, tuple((row.migration_id, row.checksum) for row in applied))
+    if key not in known:
+        problems = [] if allow_drift else drift(applied, migrations)
+        known[key] = (problems, [] if problems else pending(migrations, applied))
+    return known[key]
 
 
 def next_batch(applied: Sequence[AppliedMigration]) -> int:
