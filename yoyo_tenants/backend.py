@@ -23,7 +23,7 @@ from yoyo.backends.core.postgresql import PostgresqlBackend
 from yoyo.migrations import Migration
 
 from . import log
-from .engine import RunOptions, SchemaResult, Session, lock_key, migrate_schema
+from .engine import RunOptions, SchemaResult, Session, lock_key, migrate_schema, server_options
 from .errors import MigrationFailed, NotReady
 from .loading import SqlMigration
 from .log import Log
@@ -60,6 +60,7 @@ class TenantBackend(PostgresqlBackend):
         )
         if found.fetchone() is None:
             raise NotReady(f"schema {self.schema} does not exist")
+        self.options = server_options(self.connection, RunOptions())
 
     def init_connection(self, connection):
         pass  # the search path is set per transaction, never on the session

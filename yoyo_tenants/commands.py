@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from yoyo.migrations import MigrationList
 
 from . import log, registry, scaffold
 from .db import connect, server_params
-from .engine import Direction, RunOptions, SchemaResult, migrate_schema
+from .engine import Direction, RunOptions, SchemaResult, migrate_schema, server_options
 from .errors import TenantsError, UsageError
 from .loading import load_migrations
 from .log import Log, migration_checksum
@@ -152,9 +152,8 @@ def _run(
     params = server_params(settings)
     connection = connect(params)
     try:
+        options = server_options(connection, options, settings.citus)
         states = scan(connection.cursor(), [t.schema for t in tenants])
-        if citus_mode(settings, connection):
-            options = replace(options, statement_per_message=True)
     finally:
         connection.close()
     if dry_run:
@@ -213,16 +212,6 @@ def starting_point(state: SchemaState, schema: str) -> tuple[Log | None, list]:
     if not state.tables_ready:
         return Log([]), [log.create_sql(schema)]
     return state.log, []
-
-
-def citus_mode(settings: Settings, connection) -> bool:
-    """Whether statements go one per message: on a Citus coordinator, or when forced by
-    YOYO_TENANTS_CITUS=on (off forbids it)."""
-    if settings.citus != "auto":
-        return settings.citus == "on"
-    cursor = connection.cursor()
-    cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')")
-    return cursor.fetchone()[0]
 
 
 # -- dry runs ------------------------------------------------------------------------------------

@@ -20,9 +20,8 @@ settings and role are reset, so nothing a migration set reaches the next schema.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import psycopg2
@@ -30,10 +29,11 @@ from psycopg2 import extensions, sql
 from yoyo.migrations import Migration
 
 from . import log
-from .db import Failure, failure_from
-from .errors import LockBusy, NotReady, TenantsError
+from .db import failure_from
+from .errors import Failure, LockBusy, NotReady, TenantsError
 from .log import Log, log_identity, migration_checksum
-from .scripts import Script, check_sql
+from .scripts import Script
+from .steps import Steps
 
 #: The savepoint each migration runs in. Nested ones share the name: ROLLBACK TO goes to the newest.
 SAVEPOINT = "yoyo_tenants_migration"
@@ -52,13 +52,20 @@ BEGIN_SQL = (
     "SELECT set_config('lock_timeout', %(lock_timeout)s, true), "
     "set_config('statement_timeout', %(statement_timeout)s, true)"
 )
-#: After each migration: it left the search path and the role as the transaction set them.
-#: (A DO block or a function can call set_config where no parser sees it.)
+#: After each migration: it left the search path, the role, and the way strings are read as the
+#: transaction set them. (A DO block or a function can call set_config where no parser sees it.)
+#: Each message names a setting read at run time: PostgreSQL folds constant casts when planning.
 SESSION_GUARD_SQL = (
-    "SELECT CASE WHEN current_setting('search_path') = %(search_path)s "
-    "AND current_user = current_setting('yoyo_tenants.user') THEN 0 "
-    f"ELSE ('{GUARD_MARK}the migration changed search_path to ' "
-    "|| current_setting('search_path') || ' and the role to ' || current_user)::int END"
+    "SELECT CASE "
+    "WHEN current_setting('search_path') <> %(search_path)s "
+    f"THEN ('{GUARD_MARK}the migration changed search_path to ' "
+    "|| current_setting('search_path'))::int "
+    "WHEN current_user <> current_setting('yoyo_tenants.user') "
+    f"THEN ('{GUARD_MARK}the migration changed the role to ' || current_user)::int "
+    "WHEN current_setting('standard_conforming_strings') <> 'on' "
+    f"THEN ('{GUARD_MARK}the migration changed standard_conforming_strings to ' "
+    "|| current_setting('standard_conforming_strings'))::int "
+    "ELSE 0 END"
 )
 #: Whatever a migration set on the session goes with its transaction: the next schema on this
 #: connection starts as the connection did.
@@ -269,6 +276,10 @@ class Session:
             self._run_steps(migration, operation)
         self._queue(self._mogrify(SESSION_GUARD_SQL, {"search_path": self.search_path}))
         self._queue_row(migration, operation, batch)
+        if script is True:
+            # Checked now, before the next migration's text reaches the server: a message is
+            # parsed whole before it runs, with the session as the Python code left it.
+            self.flush()
 
     def mark(self, migration: Migration, operation: str, batch: int | None = None) -> None:
         """Queue a log row of `operation` ("mark", "unmark") without running anything."""
@@ -296,7 +307,7 @@ class Session:
             self._queue(script.text, migration, script)
 
     def _run_steps(self, migration: Migration, operation: str) -> None:
-        steps = _Steps(self.connection, self.schema == "public", migration.path)
+        steps = Steps(self.connection, self.schema == "public", migration.path)
         try:
             migration.process_steps(steps, _step_direction(operation))
         except psycopg2.Error as exc:
@@ -424,12 +435,21 @@ class Session:
                     self._parts.append(_Part(text, migration, script, offset, alone=True))
                     self.flush()
             elif script is not None:
-                steps = _Steps(self.connection, self.schema == "public", migration.path)
+                steps = Steps(self.connection, self.schema == "public", migration.path)
                 try:
                     migration.process_steps(steps, _step_direction(operation))
                 except psycopg2.Error as exc:
                     raise MessageFailed(failure_from(exc, migration=migration.id)) from None
+            if self.connection.info.transaction_status != extensions.TRANSACTION_STATUS_IDLE:
+                raise MessageFailed(
+                    Failure(
+                        "it ended inside a transaction block: end it with COMMIT",
+                        migration=migration.id,
+                    )
+                )
         finally:
+            if self.connection.info.transaction_status != extensions.TRANSACTION_STATUS_IDLE:
+                self.cursor.execute("ROLLBACK")  # a block of its own that failed, or was left open
             self.cursor.execute(RESET_SQL + "; SELECT pg_backend_pid()")
         if self.cursor.fetchone()[0] != pid:
             # A transaction-pooling PgBouncer handed us another server connection between
@@ -439,6 +459,26 @@ class Session:
                 "server connections (a transaction-pooling PgBouncer?): run it over a direct "
                 "connection"
             )
+
+
+def server_options(connection, options: RunOptions, citus: str = "auto") -> RunOptions:
+    """`options` fitted to the server, checked once per run: every statement alone on a Citus
+    coordinator (`citus`: "auto" detects it, "on" forces it, "off" forbids it). NotReady when the
+    server would read migration files otherwise than they were checked."""
+    cursor = connection.cursor()
+    cursor.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus'), "
+        "current_setting('standard_conforming_strings')"
+    )
+    has_citus, strings = cursor.fetchone()
+    if strings != "on":
+        raise NotReady(
+            "standard_conforming_strings is off for this database or user, so the server would "
+            "read backslashes in migration files otherwise than they were checked: turn it on "
+            "(ALTER DATABASE ... SET standard_conforming_strings = on, the default)"
+        )
+    per_message = has_citus if citus == "auto" else citus == "on"
+    return replace(options, statement_per_message=per_message)
 
 
 def lock_key(schema: str) -> str:
@@ -492,51 +532,6 @@ def _encoding(connection) -> str:
 
 def _ms(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
-
-
-class _Steps:
-    """What yoyo's steps expect of a backend, for a Python migration run inside a session: the
-    connection, cursors whose SQL is checked as files are (and whose results are not printed),
-    and savepoints for step groups."""
-
-    DatabaseError = psycopg2.DatabaseError
-    has_transactional_ddl = True
-
-    def __init__(self, connection, public: bool, where: str):
-        self.connection, self.public, self.where = connection, public, where
-        self._savepoints = 0
-
-    def cursor(self):
-        steps = self
-
-        class CheckedCursor(extensions.cursor):
-            def execute(self, query, vars=None):
-                if isinstance(query, str):
-                    check_sql(query, steps.public, steps.where)
-                return super().execute(query, vars)
-
-            @property
-            def description(self):
-                return None  # yoyo prints a step's result rows when it has some
-
-        return self.connection.cursor(cursor_factory=CheckedCursor)
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        self._savepoints += 1
-        name = sql.Identifier(f"{SAVEPOINT}_step_{self._savepoints}")
-        cursor = self.connection.cursor()
-        cursor.execute(sql.SQL("SAVEPOINT {}").format(name))
-        try:
-            yield
-        except self.DatabaseError:
-            cursor.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(name))
-            raise
-        cursor.execute(sql.SQL("RELEASE SAVEPOINT {}").format(name))
-
-    @contextmanager
-    def disable_transactions(self) -> Iterator[None]:
-        yield
 
 
 # -- one schema, start to finish -----------------------------------------------------------------

@@ -7,13 +7,13 @@ import shutil
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import embedded, log, registry
-from .commands import citus_mode, run_options
+from .commands import run_options
 from .db import connect, server_params
-from .engine import MessageFailed, SchemaResult, Session, migrate_schema
+from .engine import MessageFailed, SchemaResult, Session, migrate_schema, server_options
 from .errors import LockBusy, MigrationFailed, NotReady, SchemaCollision, TenantsError
 from .loading import load_migrations
 from .log import Log
@@ -46,11 +46,10 @@ def provision_tenant(
     options = run_options(settings, lock_wait=lock_wait)
     connection = connect(server_params(settings))
     try:
+        options = server_options(connection, options, settings.citus)
         if dry_run:
             done = _plan(connection, tenant, migrations)
         else:
-            if citus_mode(settings, connection):
-                options = replace(options, statement_per_message=True)
             done = _provision(connection, tenant, migrations, options)
     finally:
         connection.close()

@@ -54,6 +54,13 @@ TRANSACTION_ADVICE = {
     TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED: "ROLLBACK PREPARED cannot run inside the "
     "schema's transaction: run it by hand",
 }
+#: How the server reads backslashes in strings: the parser here reads them as it does when on.
+STRINGS = "standard_conforming_strings"
+STRINGS_ADVICE = (
+    "changing standard_conforming_strings (other than to on) would make the server read "
+    "backslashes in later strings differently than this check did: remove it (write E'...' "
+    "strings where backslashes escape)"
+)
 WRAPPED = (
     "is wrapped in BEGIN; ... COMMIT;, but each migration already runs in its own transaction "
     "(with its log row): remove those two statements"
@@ -159,6 +166,8 @@ def _session_change(node, text: str, statement: ast.RawStmt, public: bool) -> st
                 "the migration set (RESET name)"
             )
         name = (node.name or "").lower()
+        if name == STRINGS and not (node.kind == VariableSetKind.VAR_SET_VALUE and _is_on(node)):
+            return STRINGS_ADVICE
         if name in SESSION_SETTINGS:
             what = f"{_verb(node)} {SESSION_SETTINGS[name]}"
             return _setting_advice(name, bool(node.is_local), public, what)
@@ -168,12 +177,24 @@ def _session_change(node, text: str, statement: ast.RawStmt, public: bool) -> st
     end = start + statement.stmt_len if statement.stmt_len else len(text)
     lowered = text[start:end].lower()
     if "set_config" in lowered or "u&" in lowered:
-        for name, local in _set_config_calls(node):
+        for name, value, local in _set_config_calls(node):
             if name is None:
                 return "set_config with a setting name computed at run time: name it literally"
+            if name == STRINGS and not _on(value):
+                return STRINGS_ADVICE
             if name in SESSION_SETTINGS:
                 return _setting_advice(name, local, public, f"set_config('{name}', ...)")
     return None
+
+
+def _is_on(node: ast.VariableSetStmt) -> bool:
+    """Whether SET gives the setting the one value 'on'."""
+    return len(node.args or ()) == 1 and _on(node.args[0])
+
+
+def _on(node) -> bool:
+    value = _constant(node)
+    return value is True or (isinstance(value, str) and value.lower() in ("on", "true", "yes", "1"))
 
 
 def _verb(node: ast.VariableSetStmt) -> str:
@@ -196,20 +217,20 @@ def _setting_advice(name: str, local: bool, public: bool, what: str) -> str | No
     )
 
 
-def _set_config_calls(node) -> list[tuple[str | None, bool]]:
-    """(setting name, is_local) of each set_config call in `node`; None where not a constant."""
+def _set_config_calls(node) -> list[tuple[str | None, object, bool]]:
+    """(setting name, value node, is_local) of each set_config call in `node`; the name is None
+    where it is not a constant."""
     calls = []
 
     class Calls(visitors.Visitor):
         def visit_FuncCall(self, ancestors, call):
             if call.funcname[-1].sval.lower() != "set_config" or len(call.args or ()) != 3:
                 return
-            name_arg, _, local_arg = call.args
+            name_arg, value, local_arg = call.args
             name = _constant(name_arg)
             local = _constant(local_arg)
-            calls.append(
-                (name.lower() if isinstance(name, str) else None, local is True or local == "t")
-            )
+            name = name.lower() if isinstance(name, str) else None
+            calls.append((name, value, local is True or local == "t"))
 
     Calls()(node)
     return calls
