@@ -118,6 +118,8 @@ def test_dry_runs_change_nothing_and_show_the_sql(project, database):
     assert catalog(database) == before
 
     run = rollback_tenants(project, dry_run=True)
+    assert "would undo its base tables" in str(run.schemas[0].failure)  # said, not done
+    run = rollback_tenants(project, dry_run=True, yes=True)
     assert run.schemas[0].migrations == [
         "20250101000200_create_chat_messages",
         "20250101000100_create_org_settings",

@@ -289,7 +289,10 @@ def add_hostile(directory: Path, hostile: Hostile) -> Path:
 def snapshot(params) -> dict[str, list]:
     """The catalog, public and every log: the schemas; every relation outside pg_catalog,
     information_schema and pg_toast; every column of every table in public and the tenants;
-    every row of every table in public (the registry, public's log); every tenant's log."""
+    every row of every table in public (the registry, public's log); every tenant's log.
+
+    Not the rows of public.yoyo_tenants_runs: a run that started is recorded there whether or
+    not it changed anything."""
     with Admin(params) as admin:
         found = {
             "schemas": admin.execute("SELECT nspname FROM pg_namespace ORDER BY 1"),
@@ -313,7 +316,7 @@ def snapshot(params) -> dict[str, list]:
         }
         public_tables = admin.execute(
             "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
-            " AND relkind = 'r' ORDER BY 1"
+            " AND relkind = 'r' AND relname <> 'yoyo_tenants_runs' ORDER BY 1"
         )
         for (table,) in public_tables:
             found[f"public.{table}"] = admin.execute(

@@ -51,7 +51,7 @@ def test_each_operation_is_a_numbered_row_and_applied_is_what_they_add_up_to(pro
     schema = provision_tenant(project, ORG).tenant.schema
     db = project.connection
 
-    rollback_tenants(project, steps=1)
+    rollback_tenants(project, steps=1, yes=True)
     migrate_tenants(project)
 
     rows = log_rows(db, schema)
@@ -70,7 +70,7 @@ def test_a_schema_with_every_migration_rolled_back_is_never_migrated(project):
     provision_tenant(project, ORG)
     schema = schema_for(ORG)
     db = project.connection
-    rollback_tenants(project)  # the whole first batch
+    rollback_tenants(project, yes=True)  # the whole first batch: its provisioning
 
     assert [row[2] for row in log_rows(db, schema)][-3:] == ["rollback"] * 3
     assert applied_ids(db, schema) == []

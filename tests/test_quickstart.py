@@ -88,12 +88,12 @@ def test_the_commands_use_the_server_configured_in_dotenv(tmp_path, database):
         ("provision-tenant", org),
         ("migrate-tenants",),
         ("status",),
-        ("rollback-tenants",),
+        ("rollback-tenants", "--yes"),
     ]:
         done = invoke(tmp_path, *step, env=env)
         assert done.returncode == 0, (step, done.stderr)
     schema = schema_for(org)
     assert {"tenants", "focus_areas", "coaching_categories"} <= tables(database, "public")
-    assert applied_ids(database, schema) == []  # provisioned, then its only batch rolled back
+    assert applied_ids(database, schema) == []  # provisioned, then (--yes) its base tables undone
     assert "org_users" not in tables(database, schema)
     assert not (tmp_path / ".yoyo-tenants").exists()  # nothing embedded was started

@@ -119,16 +119,23 @@ def test_rollback_tenants_undoes_only_the_last_batch(two_batches):
     assert result.outcome == "done"
 
 
-def test_a_second_rollback_undoes_the_batch_before(two_batches):
+def test_a_second_rollback_would_undo_the_base_tables_and_is_refused_without_yes(two_batches):
     db = two_batches.connection
     schema = schema_for(ORG_A)
     rollback_tenants(two_batches, jobs=1)
 
-    run = rollback_tenants(two_batches, jobs=1)
+    run = rollback_tenants(two_batches, jobs=1)  # what is left is the tenant's provisioning
 
+    assert not run.ok
+    assert "would undo its base tables" in str(run.schemas[0].failure)
+    assert "--yes" in str(run.schemas[0].failure)
+    assert applied_ids(db, schema) == TENANT_IDS
+
+    run = rollback_tenants(two_batches, jobs=1, yes=True)
+
+    assert run.ok and run.schemas[0].migrations == list(reversed(TENANT_IDS))
     assert applied_ids(db, schema) == []
     assert tables(db, schema) == YOYO_TABLES
-    assert run.schemas[0].migrations == list(reversed(TENANT_IDS))
 
 
 def test_rollback_then_migrate_reapplies_in_a_new_batch(two_batches):
@@ -144,29 +151,49 @@ def test_rollback_then_migrate_reapplies_in_a_new_batch(two_batches):
     assert "nickname" in columns(db, schema, "org_users")
 
 
-def test_the_last_batch_is_per_schema(project):
-    """B joins later: its first batch holds everything, so its 'last batch' is all of it."""
+def test_a_rollback_undoes_a_deploy_only_where_it_reached(project):
+    """B joins after the second deploy: provisioning gives it everything, and undoing that
+    deploy leaves B alone (its tables came from provisioning, never a deploy)."""
     db = project.connection
     assert migrate_master(project).ok
     provision_tenant(project, ORG_A)
     add_second_batch(project.tenant_dir)
-    migrate_tenants(project, jobs=1)
+    second = migrate_tenants(project, jobs=1)
     provision_tenant(project, ORG_B)
     add_third_batch(project.tenant_dir)
-    migrate_tenants(project, jobs=2)
+    third = migrate_tenants(project, jobs=2)
+    assert second.run and third.run and third.run > second.run
 
-    run = rollback_tenants(project, jobs=2)
+    run = rollback_tenants(project, jobs=2)  # the last deploy: the third batch, in both
 
     by_org = {r.org_id: r.migrations for r in run.schemas}
     assert by_org == {ORG_A: [PRONOUNS], ORG_B: [PRONOUNS]}
     assert applied_ids(db, schema_for(ORG_A)) == [*TENANT_IDS, *SECOND_BATCH]
     assert applied_ids(db, schema_for(ORG_B)) == [*TENANT_IDS, *SECOND_BATCH]
-    run = rollback_tenants(project, jobs=2)
+
+    run = rollback_tenants(project, jobs=2)  # the deploy before: it reached A only
+
     by_org = {r.org_id: r.migrations for r in run.schemas}
-    assert by_org[ORG_A] == [NOTES, NICKNAME]
-    assert by_org[ORG_B] == [NOTES, NICKNAME, *reversed(TENANT_IDS)]
+    assert by_org == {ORG_A: [NOTES, NICKNAME], ORG_B: []}
+    assert run.ok and run.count("up to date") == 1
     assert applied_ids(db, schema_for(ORG_A)) == TENANT_IDS
-    assert applied_ids(db, schema_for(ORG_B)) == []
+    assert applied_ids(db, schema_for(ORG_B)) == [*TENANT_IDS, *SECOND_BATCH]
+    assert "org_notes" in tables(db, schema_for(ORG_B))
+
+
+def test_a_named_run_is_undone_wherever_it_applied(project):
+    db = project.connection
+    assert migrate_master(project).ok
+    provision_tenant(project, ORG_A)
+    add_second_batch(project.tenant_dir)
+    second = migrate_tenants(project, jobs=1)
+    add_third_batch(project.tenant_dir)
+    migrate_tenants(project, jobs=1)
+
+    run = rollback_tenants(project, run=second.run, jobs=1)
+
+    assert run.schemas[0].migrations == [NOTES, NICKNAME]
+    assert applied_ids(db, schema_for(ORG_A)) == [*TENANT_IDS, PRONOUNS]
 
 
 # -- tenants: steps and to -----------------------------------------------------------------------
@@ -176,7 +203,7 @@ def test_rollback_steps_undoes_that_many_migrations_across_batches(two_batches):
     db = two_batches.connection
     schema = schema_for(ORG_A)
 
-    run = rollback_tenants(two_batches, steps=3, jobs=1)
+    run = rollback_tenants(two_batches, steps=3, jobs=1, yes=True)
 
     assert run.schemas[0].migrations == [NOTES, NICKNAME, TENANT_IDS[2]]
     assert applied_ids(db, schema) == TENANT_IDS[:2]
@@ -191,6 +218,19 @@ def test_rollback_steps_undoes_that_many_migrations_across_batches(two_batches):
     ]
 
 
+def test_steps_reaching_into_the_base_tables_are_refused_without_yes(two_batches):
+    db = two_batches.connection
+    schema = schema_for(ORG_A)
+    before = log_rows(db, schema)
+
+    run = rollback_tenants(two_batches, steps=3, jobs=1)
+
+    assert not run.ok and "would undo its base tables" in str(run.schemas[0].failure)
+    assert TENANT_IDS[2] in str(run.schemas[0].failure)
+    assert log_rows(db, schema) == before
+    assert "org_notes" in tables(db, schema)
+
+
 def test_rollback_steps_one_undoes_only_the_newest_migration(two_batches):
     db = two_batches.connection
     schema = schema_for(ORG_A)
@@ -202,7 +242,7 @@ def test_rollback_steps_one_undoes_only_the_newest_migration(two_batches):
 
 def test_rollback_steps_beyond_what_is_applied_undoes_everything(two_batches):
     db = two_batches.connection
-    run = rollback_tenants(two_batches, steps=50, jobs=1)
+    run = rollback_tenants(two_batches, steps=50, jobs=1, yes=True)
     assert run.ok
     assert len(run.schemas[0].migrations) == 5
     assert applied_ids(db, schema_for(ORG_A)) == []
@@ -212,7 +252,7 @@ def test_rollback_to_keeps_that_migration_and_undoes_everything_after(two_batche
     db = two_batches.connection
     schema = schema_for(ORG_A)
 
-    run = rollback_tenants(two_batches, to=TENANT_IDS[0], jobs=1)
+    run = rollback_tenants(two_batches, to=TENANT_IDS[0], jobs=1, yes=True)
 
     assert applied_ids(db, schema) == [TENANT_IDS[0]]
     assert tables(db, schema) == {"org_users", *YOYO_TABLES}
@@ -357,7 +397,7 @@ def test_rollback_master_of_everything_leaves_public_empty(project):
 
     assert run.schemas[0].migrations == list(reversed(MASTER_IDS))
     assert applied_ids(db, "public") == []
-    assert tables(db, "public") == YOYO_TABLES
+    assert tables(db, "public") == {*YOYO_TABLES, "yoyo_tenants_runs"}
     assert query(db, "SELECT extname FROM pg_extension WHERE extname = 'vector'") == []
 
 

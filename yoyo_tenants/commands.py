@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from yoyo.migrations import MigrationList
 
-from . import log, registry, scaffold
+from . import log, registry, runs, scaffold
 from .db import connect, server_params
 from .engine import Direction, RunOptions, SchemaResult, migrate_schema, server_options
 from .errors import TenantsError, UsageError
@@ -25,6 +25,7 @@ from .log import Log, migration_checksum
 from .plan import ApplyPlan, Drift, RollbackPlan, RollbackTarget, migration_sql
 from .registry import Tenant
 from .runner import RunResult, SchemaState, run_schemas, scan
+from .scripts import drops_table
 from .settings import Settings
 
 #: Tenants migrated at once unless --jobs says otherwise.
@@ -55,23 +56,39 @@ def migrate_master(settings: Settings, dry_run: bool = False, **options: Any) ->
     """
     migrations = load_migrations(settings.master_dir, public=True)
     opts = run_options(settings, **options)
-    plan = lambda schema: ApplyPlan(schema, migrations, opts.allow_drift)  # noqa: E731
-    return _run(settings, [Tenant(None, PUBLIC)], plan, Direction.APPLY, opts, dry_run=dry_run)
+    return _run(
+        settings,
+        "migrate-master",
+        [Tenant(None, PUBLIC)],
+        _applying(migrations, opts.allow_drift),
+        opts,
+        dry_run=dry_run,
+    )
 
 
 def rollback_master(
     settings: Settings,
     steps: int | None = None,
     to: str | None = None,
+    run: int | None = None,
+    yes: bool = False,
     dry_run: bool = False,
     **options: Any,
 ) -> RunResult:
-    """Roll back the public schema's last batch, its last `steps` migrations, or all after `to`."""
+    """Undo what the last `migrate-master` run applied to public (or its last `steps`
+    migrations, all after `to`, or what run `run` applied). Dropping the tenant registry while
+    tenants are registered is refused unless `yes`."""
     migrations = load_migrations(settings.master_dir, public=True)
-    target = RollbackTarget(steps=steps, to=to)
+    target = RollbackTarget(steps=steps, to=to, run=run, yes=yes)
     opts = run_options(settings, **options)
-    plan = lambda schema: RollbackPlan(schema, migrations, target)  # noqa: E731
-    return _run(settings, [Tenant(None, PUBLIC)], plan, Direction.ROLLBACK, opts, dry_run=dry_run)
+    return _run(
+        settings,
+        "rollback-master",
+        [Tenant(None, PUBLIC)],
+        _rolling_back(migrations, target, "migrate-master", protect=_registry_kept),
+        opts,
+        dry_run=dry_run,
+    )
 
 
 # -- tenants -------------------------------------------------------------------------------------
@@ -93,9 +110,10 @@ def migrate_tenants(
     """
     migrations = load_migrations(settings.tenant_dir)
     opts = run_options(settings, **options)
-    plan = lambda schema: ApplyPlan(schema, migrations, opts.allow_drift)  # noqa: E731
-    return _run_tenants(
-        settings, tenant, plan, Direction.APPLY, opts, jobs, fail_fast, dry_run, on_result
+    plans = _applying(migrations, opts.allow_drift)
+    tenants = _tenants(settings, tenant, jobs)
+    return _run(
+        settings, "migrate-tenants", tenants, plans, opts, jobs, fail_fast, dry_run, on_result
     )
 
 
@@ -104,73 +122,137 @@ def rollback_tenants(
     tenant: str | None = None,
     steps: int | None = None,
     to: str | None = None,
+    run: int | None = None,
+    yes: bool = False,
     jobs: int = DEFAULT_JOBS,
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
     **options: Any,
 ) -> RunResult:
-    """Roll back each tenant's last batch (or `steps` migrations, or all after `to`)."""
+    """Undo the last deploy: in every tenant, what the most recent `migrate-tenants` run applied
+    there, and nothing in tenants it did not change. Or what run `run` applied, or each tenant's
+    last `steps` migrations, or all after `to`. Undoing a tenant's base tables (its first batch,
+    from provisioning) is refused unless `yes`."""
     migrations = load_migrations(settings.tenant_dir)
-    target = RollbackTarget(steps=steps, to=to)
+    target = RollbackTarget(steps=steps, to=to, run=run, yes=yes)
     opts = run_options(settings, **options)
-    plan = lambda schema: RollbackPlan(schema, migrations, target)  # noqa: E731
-    return _run_tenants(
-        settings, tenant, plan, Direction.ROLLBACK, opts, jobs, fail_fast, dry_run, on_result
+    plans = _rolling_back(migrations, target, "migrate-tenants")
+    tenants = _tenants(settings, tenant, jobs)
+    return _run(
+        settings, "rollback-tenants", tenants, plans, opts, jobs, fail_fast, dry_run, on_result
     )
 
 
-def _run_tenants(settings, org_id, plan, direction, options, jobs, fail_fast, dry_run, on_result):
+#: Given what the scan read and the run's cursor, makes the plan for one schema.
+Plans = Callable[[dict[str, SchemaState], Any], PlanFor]
+
+
+def _applying(migrations: MigrationList, allow_drift: bool) -> Plans:
+    return lambda states, cursor: lambda schema: ApplyPlan(schema, migrations, allow_drift)
+
+
+def _rolling_back(
+    migrations: MigrationList, target: RollbackTarget, deploys: str, protect=None
+) -> Plans:
+    """Plans undoing `target`, or with no target given, the last run of `deploys` that applied
+    anything in these schemas (logs from before runs: each schema's last batch)."""
+
+    def plans(states: dict[str, SchemaState], cursor) -> PlanFor:
+        chosen = target
+        given = (target.steps, target.to, target.run) != (None, None, None)
+        if not given and (last := last_deploy(cursor, states, deploys)):
+            chosen = replace(target, run=last)
+        guard = protect(cursor) if protect else (lambda todo: None)
+        return lambda schema: RollbackPlan(schema, migrations, chosen, guard)
+
+    return plans
+
+
+def last_deploy(cursor, states: dict[str, SchemaState], command: str) -> int | None:
+    """The most recent run of `command` that applied a migration still applied somewhere."""
+    found = {row.run for state in states.values() for row in state.applied if row.run}
+    return next((run for run in runs.of_command(cursor, command) if run in found), None)
+
+
+def _registry_kept(cursor) -> Callable[[list], str | None]:
+    """For public: a rollback must not drop the tenant registry while tenants are registered."""
+    cursor.execute("SELECT to_regclass('public.tenants') IS NOT NULL")
+    registered = 0
+    if cursor.fetchone()[0]:
+        cursor.execute("SELECT count(*) FROM public.tenants")
+        registered = cursor.fetchone()[0]
+
+    def check(todo) -> str | None:
+        for migration in todo:
+            script = getattr(migration, "rollback_script", None)
+            if registered and script and drops_table(script, PUBLIC, "tenants"):
+                return (
+                    f"rolling back {migration.id} would drop public.tenants, the registry of "
+                    f"{registered} tenants (their schemas would stay)"
+                )
+        return None
+
+    return check
+
+
+def _tenants(settings: Settings, org_id: str | None, jobs: int) -> list[Tenant]:
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     connection = connect(server_params(settings))
     try:
         cursor = connection.cursor()
         if org_id is not None:
-            tenants = [registry.get_tenant(cursor, org_id)]
-        else:
-            tenants = registry.list_tenants(cursor)
+            return [registry.get_tenant(cursor, org_id)]
+        return registry.list_tenants(cursor)
     finally:
         connection.close()
-    return _run(settings, tenants, plan, direction, options, jobs, fail_fast, dry_run, on_result)
 
 
 def _run(
     settings: Settings,
+    command: str,
     tenants: list[Tenant],
-    plan: PlanFor,
-    direction: Direction,
+    plans: Plans,
     options: RunOptions,
     jobs: int = 1,
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
 ) -> RunResult:
-    """Scan the schemas' logs, then hand those with work to the engine (or, in a dry run, say
-    what it would do)."""
+    """Scan the schemas' logs, then hand those with work to the engine as one run (or, in a
+    dry run, say what it would do)."""
     started = time.perf_counter()
+    direction = Direction.ROLLBACK if command.startswith("rollback") else Direction.APPLY
     params = server_params(settings)
     connection = connect(params)
     try:
+        cursor = connection.cursor()
         options = server_options(connection, options, settings.citus)
-        states = scan(connection.cursor(), [t.schema for t in tenants])
+        states = scan(cursor, [t.schema for t in tenants])
+        plan = plans(states, cursor)
+        if dry_run:
+            run = _dry_run(tenants, states, plan, direction)
+            run.duration = time.perf_counter() - started
+            return run
+        idle, work = {}, []
+        for t in tenants:
+            result = SchemaResult(t.schema, t.org_id)
+            state = states[t.schema]
+            if not state.exists:
+                result.fail(f"schema {t.schema} of {t.org_id} does not exist")
+                idle[t.schema] = result
+            elif state.unreadable:
+                result.fail(f"the log of {t.schema} cannot be read: {state.unreadable}")
+                idle[t.schema] = result
+            elif _needs_work(state, plan(t.schema)):
+                work.append(result)
+            else:
+                idle[t.schema] = result
+        if work:
+            options = replace(options, run=runs.start(cursor, command))
     finally:
         connection.close()
-    if dry_run:
-        run = _dry_run(tenants, states, plan, direction)
-        run.duration = time.perf_counter() - started
-        return run
-    idle, work = {}, []
-    for t in tenants:
-        result = SchemaResult(t.schema, t.org_id)
-        state = states[t.schema]
-        if not state.exists:
-            result.fail(f"schema {t.schema} of {t.org_id} does not exist")
-            idle[t.schema] = result
-        elif _needs_work(state, plan(t.schema)):
-            work.append(result)
-        else:
-            idle[t.schema] = result
 
     def action(connection, result: SchemaResult) -> SchemaResult:
         known, prelude = starting_point(states[result.schema], result.schema)
@@ -190,6 +272,7 @@ def _run(
     by_schema = {r.schema: r for r in done.schemas}
     done.schemas = [by_schema.get(t.schema) or idle[t.schema] for t in tenants]
     done.duration = time.perf_counter() - started
+    done.run = options.run
     return done
 
 
@@ -206,12 +289,13 @@ def _needs_work(state: SchemaState, plan) -> bool:
 
 def starting_point(state: SchemaState, schema: str) -> tuple[Log | None, list]:
     """How the engine starts on a scanned schema: the log it knows, and the statements that make
-    its log table. A schema with yoyo's tables is read under its lock, and converted there."""
+    its log table what a run writes to. A schema with yoyo's tables is read under its lock, and
+    converted there."""
     if state.old_layout:
         return None, []
     if not state.tables_ready:
         return Log([]), [log.create_sql(schema)]
-    return state.log, []
+    return state.log, [] if state.has_run else [log.add_run_sql(schema)]
 
 
 # -- dry runs ------------------------------------------------------------------------------------

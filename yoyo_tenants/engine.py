@@ -76,7 +76,11 @@ POSITION_GUARD_SQL = sql.SQL(
     "SELECT CASE WHEN coalesce(max(id), 0) = %(position)s THEN 0 "
     f"ELSE ('{GUARD_MARK}{MOVED} to ' || coalesce(max(id), 0))::int END FROM {{log}}"
 )
-LAYOUT_SQL = "SELECT to_regclass(%(log)s) IS NOT NULL, to_regclass(%(old)s) IS NOT NULL"
+LAYOUT_SQL = (
+    "SELECT to_regclass(%(log)s) IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute "
+    "WHERE attrelid = to_regclass(%(log)s) AND attname = 'run' AND NOT attisdropped), "
+    "to_regclass(%(old)s) IS NOT NULL"
+)
 
 
 #: A statement as the engine takes it: composed with psycopg2.sql, or already text.
@@ -107,6 +111,8 @@ class RunOptions:
     allow_drift: bool = False
     #: Send every migration statement and savepoint in a message of its own (Citus).
     statement_per_message: bool = False
+    #: The run the log rows name (see runs.py); None for provisioning.
+    run: int | None = None
 
     @property
     def wait(self) -> float:
@@ -195,6 +201,7 @@ class Session:
         self.ran: list[tuple[Migration, str]] = []
         self._parts: list[_Part] = []
         self._insert = log.INSERT_SQL.format(log=self.log_table).as_string(connection)
+        self._guard: str | None = None
 
     # -- the transaction ---------------------------------------------------------------------
 
@@ -227,21 +234,25 @@ class Session:
 
     def read_log(self, create: bool) -> Log:
         """The log as it is now, in this transaction (sending what is queued); if `create`, the
-        log table is made (or converted from yoyo's tables) when missing."""
+        log table is made (or converted from yoyo's tables, or given its run column) when
+        missing."""
         names = {
             "log": self.log_table.as_string(self.connection),
             "old": sql.Identifier(self.schema, log.OLD_TABLE).as_string(self.connection),
         }
         self._queue(self._mogrify(LAYOUT_SQL, names))
         self.flush()
-        exists, old = self.cursor.fetchone()
+        exists, has_run, old = self.cursor.fetchone()
         if old and create:
             self._queue(self._text(log.upgrade_sql(self.schema)), alone=True)
         elif not exists and create:
             self._queue(self._text(log.create_sql(self.schema)), alone=True)
         elif not exists:
             return Log([])
-        self._queue(self._text(log.ROWS_SQL.format(log=self.log_table)))
+        elif not has_run and create:
+            self._queue(self._text(log.add_run_sql(self.schema)), alone=True)
+        has_run = has_run or create
+        self._queue(self._text(log.rows_sql(self.schema, has_run)))
         self.flush()
         return Log.from_rows(self.cursor.fetchall())
 
@@ -274,7 +285,9 @@ class Session:
         elif script is not None:  # a Python migration: its steps run now, on this connection
             self.flush()
             self._run_steps(migration, operation)
-        self._queue(self._mogrify(SESSION_GUARD_SQL, {"search_path": self.search_path}))
+        if self._guard is None:
+            self._guard = self._mogrify(SESSION_GUARD_SQL, {"search_path": self.search_path})
+        self._queue(self._guard)
         self._queue_row(migration, operation, batch)
         if script is True:
             # Checked now, before the next migration's text reaches the server: a message is
@@ -289,15 +302,28 @@ class Session:
 
     def _queue_row(self, migration: Migration, operation: str, batch: int | None) -> None:
         applied = operation in log.APPLIED
-        params = {
-            "id": self.start + len(self.ran),
-            "migration_id": migration.id,
-            "operation": operation,
-            "batch": batch if applied else None,
-            "checksum": migration_checksum(migration) if applied else None,
-            **log_identity(),
-        }
-        self._queue(self._mogrify(self._insert, params))
+        values = (
+            migration.id,
+            operation,
+            batch if applied else None,
+            migration_checksum(migration) if applied else None,
+            self.options.run,
+        )
+        row_id = self.start + len(self.ran)
+        self._queue(f"{self._insert}{row_id}, {self._values(values)}")
+
+    def _values(self, values: tuple) -> str:
+        """A row's values after its number, quoted once for all the schemas of a run: at
+        thousands of schemas, quoting is most of what the client does."""
+        key = (values, self.connection.encoding)
+        text = _row_values.get(key)
+        if text is None:
+            names = ("migration_id", "operation", "batch", "checksum", "run")
+            params = {**dict(zip(names, values, strict=True)), **log_identity()}
+            text = _row_values[key] = self._mogrify(log.VALUES_SQL, params)
+            if len(_row_values) > ROW_VALUES_KEPT:
+                _row_values.clear()
+        return text
 
     def _queue_script(self, migration: Migration, script: Script) -> None:
         if self.options.statement_per_message:
@@ -479,6 +505,11 @@ def server_options(connection, options: RunOptions, citus: str = "auto") -> RunO
         )
     per_message = has_citus if citus == "auto" else citus == "on"
     return replace(options, statement_per_message=per_message)
+
+
+#: Quoted values of log rows, by (migration id, operation, batch, checksum, run) and encoding.
+_row_values: dict[tuple, str] = {}
+ROW_VALUES_KEPT = 10_000
 
 
 def lock_key(schema: str) -> str:

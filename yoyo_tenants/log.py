@@ -49,8 +49,12 @@ CREATE_SQL = sql.SQL(
     "checksum VARCHAR(64), "
     "username VARCHAR(63), "
     "hostname VARCHAR(95), "
-    "created_at_utc TIMESTAMP NOT NULL)"
+    "created_at_utc TIMESTAMP NOT NULL, "
+    "run BIGINT)"
 )
+#: A log from before runs were recorded gets the column the first time a run writes to it.
+RUN_COLUMN = "run"
+ADD_RUN_SQL = sql.SQL("ALTER TABLE {log} ADD COLUMN IF NOT EXISTS run BIGINT")
 #: That layout to this one, in the caller's transaction: each applied migration becomes an apply
 #: row, in the order 0.1 read them; yoyo's log is kept, renamed, as history.
 UPGRADE_SQL = sql.SQL(
@@ -65,18 +69,34 @@ UPGRADE_SQL = sql.SQL(
     "DROP TABLE IF EXISTS {version}"
 )
 #: One row, numbered by the caller (who holds the schema's lock and knows the log's end).
+#: A log row: its number (the caller's, who holds the schema's lock and knows the log's end),
+#: then the values a migration's rows share in every schema of a run (see row_values).
 INSERT_SQL = sql.SQL(
     "INSERT INTO {log} (id, migration_id, operation, batch, checksum, username, hostname, "
-    "created_at_utc) VALUES (%(id)s, %(migration_id)s, %(operation)s, %(batch)s, "
-    "%(checksum)s, %(username)s, %(hostname)s, timezone('UTC', statement_timestamp()))"
+    "created_at_utc, run) VALUES ("
 )
-#: What Log.from_rows reads, in this order.
-COLUMNS = "id, migration_id, operation, created_at_utc, batch, checksum"
-ROWS_SQL = sql.SQL("SELECT " + COLUMNS + " FROM {log}")
+VALUES_SQL = (
+    "%(migration_id)s, %(operation)s, %(batch)s, %(checksum)s, %(username)s, %(hostname)s, "
+    "timezone('UTC', statement_timestamp()), %(run)s)"
+)
+
+
+def columns(has_run: bool) -> sql.Composed:
+    """What Log.from_rows reads, in this order (a log from before runs has none to read)."""
+    run = sql.SQL("run") if has_run else sql.SQL("NULL::bigint")
+    return sql.SQL("id, migration_id, operation, created_at_utc, batch, checksum, {}").format(run)
+
+
+def rows_sql(schema: str, has_run: bool = True) -> sql.Composed:
+    return sql.SQL("SELECT {} FROM {}").format(columns(has_run), sql.Identifier(schema, TABLE))
 
 
 def create_sql(schema: str) -> sql.Composed:
     return CREATE_SQL.format(log=sql.Identifier(schema, TABLE))
+
+
+def add_run_sql(schema: str) -> sql.Composed:
+    return ADD_RUN_SQL.format(log=sql.Identifier(schema, TABLE))
 
 
 def upgrade_sql(schema: str) -> sql.Composed:
@@ -116,8 +136,9 @@ class AppliedMigration(NamedTuple):
 
     migration_id: str
     applied_at: datetime
-    batch: int
+    batch: int | None
     checksum: str | None
+    run: int | None = None  # the run that applied it (None: provisioning, or an older tool)
 
     @property
     def migration_hash(self) -> str:
@@ -137,11 +158,13 @@ class Log:
         applied: dict[str, AppliedMigration] = {}
         position = 0
         for row in sorted(rows, key=lambda row: row[0]):
-            position, migration_id, operation, created_at, batch, checksum = row
+            position, migration_id, operation, created_at, batch, checksum, run = row
             if operation in APPLIED or operation in UNDONE:
                 applied.pop(migration_id, None)  # a re-apply moves to the end
             if operation in APPLIED:
-                applied[migration_id] = AppliedMigration(migration_id, created_at, batch, checksum)
+                applied[migration_id] = AppliedMigration(
+                    migration_id, created_at, batch, checksum, run
+                )
         return cls(list(applied.values()), position)
 
 

@@ -8,7 +8,7 @@ non-transactional migration, a retry) stays one batch, one rollback target.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
@@ -49,14 +49,18 @@ class ApplyPlan:
 
 @dataclass(frozen=True)
 class RollbackTarget:
-    """Which applied migrations to undo: the last batch (default), the last N, or all after one."""
+    """Which applied migrations to undo: what one run applied (`run`), the last N (`steps`),
+    all after one (`to`), or, given none, the schema's last batch (logs from before runs)."""
 
     steps: int | None = None
     to: str | None = None
+    run: int | None = None
+    #: Undo a schema's base tables (its first batch), or the tenant registry, if asked to.
+    yes: bool = False
 
     def __post_init__(self):
-        if self.steps is not None and self.to is not None:
-            raise UsageError("give --steps or --to, not both")
+        if sum(x is not None for x in (self.steps, self.to, self.run)) > 1:
+            raise UsageError("give one of --steps, --to and --run")
         if self.steps is not None and self.steps < 1:
             raise UsageError("--steps must be at least 1")
 
@@ -69,22 +73,39 @@ class RollbackTarget:
             chosen = applied[ids.index(self.to) + 1 :]
         elif self.steps is not None:
             chosen = applied[-self.steps :]
+        elif self.run is not None:
+            chosen = [row for row in applied if row.run == self.run]
         else:
-            last = max((row.batch for row in applied), default=None)
-            chosen = [row for row in applied if row.batch == last]
+            last = max((row.batch or 0 for row in applied), default=None)
+            chosen = [row for row in applied if (row.batch or 0) == last]
         return list(reversed(chosen))
+
+
+class WouldEmpty(TenantsError):
+    """A rollback would undo what makes a schema usable: refused unless asked for (--yes)."""
 
 
 class RollbackPlan:
     """Undo the target's migrations, newest first; the target is chosen once, by the first
-    transaction, and later ones undo what of it is still applied."""
+    transaction, and later ones undo what of it is still applied.
+
+    Undoing a schema's first batch (a tenant's base tables, from provisioning) is refused
+    unless the target says yes, and so is whatever `protect` objects to (for public: dropping
+    the registry while tenants are registered).
+    """
 
     operation = "rollback"
     hooks: Sequence[Migration] = ()
     batch = None
 
-    def __init__(self, schema: str, migrations: MigrationList, target: RollbackTarget):
-        self.schema, self.target = schema, target
+    def __init__(
+        self,
+        schema: str,
+        migrations: MigrationList,
+        target: RollbackTarget,
+        protect: Callable[[list[Migration]], str | None] = lambda todo: None,
+    ):
+        self.schema, self.target, self.protect = schema, target, protect
         self.files = {m.hash: m for m in migrations}
         self.chosen: list[str] | None = None
 
@@ -95,9 +116,22 @@ class RollbackPlan:
                 raise MigrationsMissing(
                     f"cannot roll back {', '.join(missing)} in {self.schema}: no such file"
                 )
+            if not self.target.yes:
+                self._refuse(rows, log.applied)
             self.chosen = [row.migration_hash for row in rows]
         still_applied = {row.migration_hash for row in log.applied}
         return [self.files[h] for h in self.chosen if h in still_applied]
+
+    def _refuse(self, rows: list[AppliedMigration], applied: list[AppliedMigration]) -> None:
+        first = min((row.batch or 0 for row in applied), default=None)
+        base = [row.migration_id for row in rows if (row.batch or 0) == first]
+        if base and self.schema != "public":
+            raise WouldEmpty(
+                f"rolling back {self.schema} would undo its base tables (its first batch: "
+                f"{', '.join(base)}): pass --yes to do it anyway"
+            )
+        if reason := self.protect([self.files[row.migration_hash] for row in rows]):
+            raise WouldEmpty(f"{reason}: pass --yes to do it anyway")
 
 
 #: What is pending (and the drift) for each distinct log a run meets, per folder of migrations:

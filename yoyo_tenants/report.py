@@ -52,7 +52,8 @@ def run_summary(console: Console, run: RunResult, what: str) -> None:
         parts.append(f"{run.count(Outcome.SKIPPED)} skipped (locked)")
     if run.count(Outcome.NOT_STARTED):
         parts.append(f"{run.count(Outcome.NOT_STARTED)} not started")
-    console.print(f"{what}: {', '.join(parts)} in {run.duration:.2f}s")
+    ran = f" (run {run.run})" if run.run else ""
+    console.print(f"{what}: {', '.join(parts)} in {run.duration:.2f}s{ran}")
     if run.interrupted:
         console.print("interrupted: no new schema was started after the signal")
     _failures(console, run)
@@ -81,6 +82,7 @@ def run_error(run: RunResult) -> str:
 def run_json(run: RunResult) -> dict:
     return {
         "direction": run.direction,
+        "run": run.run,
         "jobs": run.jobs,
         "interrupted": run.interrupted,
         "duration": round(run.duration, 4),

@@ -16,7 +16,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import log
-from .db import connect, failure_from
+from .db import connect, error_text, failure_from
 from .engine import Outcome, SchemaResult
 from .errors import TenantsError
 from .log import AppliedMigration, Log
@@ -37,6 +37,7 @@ class RunResult:
     interrupted: bool = False
     duration: float = 0.0
     dry_run: bool = False
+    run: int | None = None  # the run's number in public.yoyo_tenants_runs (if it wrote)
 
     @property
     def failed(self) -> list[SchemaResult]:
@@ -62,8 +63,10 @@ class SchemaState:
 
     exists: bool = False
     tables_ready: bool = False  # its log table is there, in the current layout
+    has_run: bool = False  # its log records runs (a log from before them gets the column)
     old_layout: bool = False  # it keeps yoyo's tables, which a run converts (see log.UPGRADE_SQL)
     log: Log = field(default_factory=lambda: Log([]))
+    unreadable: str | None = None  # why its log could not be read (the others' could)
 
     @property
     def applied(self) -> list[AppliedMigration]:
@@ -74,37 +77,70 @@ class SchemaState:
         return {row.migration_hash for row in self.applied}
 
 
+CATALOG_SQL = """
+    SELECT n.nspname, b.attname IS NOT NULL, r.attname IS NOT NULL,
+        EXISTS (SELECT 1 FROM pg_class o WHERE o.relnamespace = n.oid AND o.relname = %(old)s)
+    FROM pg_namespace n
+    LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(log)s
+    LEFT JOIN pg_attribute b ON b.attrelid = c.oid AND b.attname = %(batch)s AND NOT b.attisdropped
+    LEFT JOIN pg_attribute r ON r.attrelid = c.oid AND r.attname = %(run)s AND NOT r.attisdropped
+    WHERE n.nspname = ANY(%(schemas)s)
+"""
+
+
 def scan(cursor, schemas: Sequence[str]) -> dict[str, SchemaState]:
-    """Read the migration logs of many schemas in a few queries (one per SCAN_CHUNK schemas)."""
+    """Read the migration logs of many schemas in a few queries (one per SCAN_CHUNK schemas).
+
+    A log that cannot be read (a damaged table, a privilege missing) fails its chunk's query;
+    that chunk is then read one schema at a time, and only the schema at fault is marked.
+    """
     states = {schema: SchemaState() for schema in schemas}
     cursor.execute(
-        """
-        SELECT n.nspname, a.attname IS NOT NULL,
-            EXISTS (SELECT 1 FROM pg_class o WHERE o.relnamespace = n.oid AND o.relname = %s)
-        FROM pg_namespace n
-        LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %s
-        LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped
-        WHERE n.nspname = ANY(%s)
-        """,
-        (log.OLD_TABLE, log.TABLE, log.LAYOUT_COLUMN, list(schemas)),
+        CATALOG_SQL,
+        {
+            "old": log.OLD_TABLE,
+            "log": log.TABLE,
+            "batch": log.LAYOUT_COLUMN,
+            "run": log.RUN_COLUMN,
+            "schemas": list(schemas),
+        },
     )
-    for name, ready, old in cursor.fetchall():
-        states[name].exists, states[name].tables_ready, states[name].old_layout = True, ready, old
+    for name, ready, has_run, old in cursor.fetchall():
+        state = states[name]
+        state.exists, state.tables_ready, state.has_run = True, ready, has_run
+        state.old_layout = old
     ready = [schema for schema in schemas if states[schema].tables_ready]
-    rows: dict[str, list[tuple]] = {schema: [] for schema in ready}
     for start in range(0, len(ready), SCAN_CHUNK):
-        selects = [
-            sql.SQL("SELECT {}, " + log.COLUMNS + " FROM {}").format(
-                sql.Literal(schema), sql.Identifier(schema, log.TABLE)
-            )
-            for schema in ready[start : start + SCAN_CHUNK]
-        ]
-        cursor.execute(sql.SQL(" UNION ALL ").join(selects))
-        for schema, *row in cursor.fetchall():
-            rows[schema].append(row)
-    for schema in ready:
-        states[schema].log = Log.from_rows(rows[schema])
+        chunk = ready[start : start + SCAN_CHUNK]
+        try:
+            rows = _read_logs(cursor, chunk, states)
+        except psycopg2.Error:
+            rows = {}
+            for schema in chunk:
+                try:
+                    rows.update(_read_logs(cursor, [schema], states))
+                except psycopg2.Error as exc:
+                    states[schema].unreadable = error_text(exc)
+        for schema in chunk:
+            if states[schema].unreadable is None:
+                states[schema].log = Log.from_rows(rows.get(schema, ()))
     return states
+
+
+def _read_logs(cursor, schemas: Sequence[str], states) -> dict[str, list[tuple]]:
+    selects = [
+        sql.SQL("SELECT {}, {} FROM {}").format(
+            sql.Literal(schema),
+            log.columns(states[schema].has_run),
+            sql.Identifier(schema, log.TABLE),
+        )
+        for schema in schemas
+    ]
+    cursor.execute(sql.SQL(" UNION ALL ").join(selects))
+    rows: dict[str, list[tuple]] = {}
+    for schema, *row in cursor.fetchall():
+        rows.setdefault(schema, []).append(row)
+    return rows
 
 
 class Stop(threading.Event):

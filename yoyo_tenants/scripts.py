@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pglast import ast, parser, visitors
-from pglast.enums import TransactionStmtKind, VariableSetKind
+from pglast.enums import ObjectType, TransactionStmtKind, VariableSetKind
 from yoyo.migrations import parse_metadata_from_sql_comments
 
 from .errors import UnsafeMigration
@@ -117,6 +117,17 @@ def read_script(path: Path, public: bool) -> Script:
         offset, message = problem
         raise UnsafeMigration(path, None if offset is None else script.line_at(offset), message)
     return script
+
+
+def drops_table(script: Script, schema: str, table: str) -> bool:
+    """Whether `script` drops `schema`.`table` (named as such, or unqualified)."""
+    for statement in parser.parse_sql(script.text):
+        node = statement.stmt
+        if isinstance(node, ast.DropStmt) and node.removeType == ObjectType.OBJECT_TABLE:
+            names = [[part.sval for part in name] for name in node.objects]
+            if [schema, table] in names or [table] in names:
+                return True
+    return False
 
 
 def check_sql(text: str, public: bool, where: str) -> None:

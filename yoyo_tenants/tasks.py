@@ -35,8 +35,10 @@ HELP = {
     "allow_drift": "migrate schemas whose applied migration files changed or vanished",
     "dry_run": "print the migrations and SQL that would run, per schema; change nothing",
     "json": "also write a machine-readable report to this file",
-    "steps": "roll back this many migrations instead of the last batch",
+    "steps": "roll back this many migrations of each schema instead of the last deploy",
     "to": "roll back every migration applied after this migration id",
+    "run": "roll back what this run (its number, printed by migrate) applied",
+    "yes": "also undo a schema's base tables (its first batch) or the tenant registry",
 }
 RUN_FLAGS = ("lock_wait", "lock_timeout", "statement_timeout", "retries", "allow_drift", "dry_run")
 
@@ -134,41 +136,46 @@ def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, json=None,
     _finish(run, "tenants", json)
 
 
-@task(help=_help("steps", "to", *RUN_FLAGS))
+@task(help=_help("steps", "to", "run", "yes", *RUN_FLAGS))
 @edge
-def rollback_master(c, steps=None, to=None, lock_wait=None, lock_timeout=None,
-                    statement_timeout=None, retries=None, allow_drift=False,
+def rollback_master(c, steps=None, to=None, run=None, yes=False, lock_wait=None,
+                    lock_timeout=None, statement_timeout=None, retries=None, allow_drift=False,
                     dry_run=False):  # fmt: skip
-    """Roll back the public schema's last batch of master migrations."""
+    """Undo what the last migrate-master run applied to the public schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    run = commands.rollback_master(_settings(), steps=_number(steps, "steps"), to=to, **options)
-    _finish(run, "public", None)
+    result = commands.rollback_master(
+        _settings(), steps=_number(steps, "steps"), to=to, run=_number(run, "run"), yes=yes,
+        **options,
+    )  # fmt: skip
+    _finish(result, "public", None)
 
 
-@task(help=_help("tenant", "steps", "to", "jobs", "fail_fast", "json", *RUN_FLAGS))
+@task(help=_help("tenant", "steps", "to", "run", "yes", "jobs", "fail_fast", "json", *RUN_FLAGS))
 @edge
-def rollback_tenants(c, tenant=None, steps=None, to=None, jobs=None,
+def rollback_tenants(c, tenant=None, steps=None, to=None, run=None, yes=False, jobs=None,
                      fail_fast=False, json=None, lock_wait=None, lock_timeout=None,
                      statement_timeout=None, retries=None, allow_drift=False,
                      dry_run=False):  # fmt: skip
-    """Roll back each tenant's last batch of tenant migrations."""
+    """Undo the last deploy: what the most recent migrate-tenants run applied, in each tenant."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
     with report.progress(out, "tenants") as tick:
-        run = commands.rollback_tenants(
+        result = commands.rollback_tenants(
             _settings(),
             tenant=tenant,
             steps=_number(steps, "steps"),
             to=to,
+            run=_number(run, "run"),
+            yes=yes,
             jobs=_jobs(jobs),
             fail_fast=fail_fast,
             on_result=tick,
             **options,
         )
-    _finish(run, "tenants", json)
+    _finish(result, "tenants", json)
 
 
 @task(
