@@ -341,11 +341,14 @@ def test_a_role_a_python_migration_takes_is_gone_before_the_next_tenant(project,
     query(database, "CREATE ROLE engine_other")
     schemas = ", ".join(t.schema for t in tenants)
     query(database, f"GRANT ALL ON SCHEMA {schemas} TO engine_other")
+    # ...and on their tables, the log included: only the guard stands in the role's way.
+    query(database, f"GRANT ALL ON ALL TABLES IN SCHEMA {schemas} TO engine_other")
     (project.tenant_dir / "20300101000100_as_other.py").write_text(
         "from yoyo import step\n"
         "def apply(conn):\n"
         "    conn.cursor().execute('CREATE TABLE mine (i int)')\n"
-        "    conn.cursor().execute('SET SESSION AUTHORIZATION engine_other')\n"
+        "    raw = conn.cursor().connection  # past the checked cursors: the guard's case\n"
+        "    raw.cursor().execute('SET SESSION AUTHORIZATION engine_other')\n"
         "steps = [step(apply)]\n"
     )
     (project.tenant_dir / "20300101000200_after.sql").write_text("CREATE TABLE later (i int);")
@@ -356,7 +359,7 @@ def test_a_role_a_python_migration_takes_is_gone_before_the_next_tenant(project,
     assert not run.ok
     for t, result in zip(tenants, run.schemas, strict=True):
         assert result.failure.migration == "20300101000100_as_other"
-        assert "role" in str(result.failure)
+        assert "changed the role to engine_other" in str(result.failure)
         assert "mine" not in tables(database, t.schema)
     # ...and the second tenant ran as the tool's own user, not as the role.
     owners = query(database, "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = %s",
@@ -456,3 +459,61 @@ def test_what_is_pending_is_worked_out_once_per_distinct_log(project, monkeypatc
 
     assert run.ok and run.count("done") == 12
     assert len(calls) == 1  # twelve tenants, one log between them
+
+
+def test_a_python_migration_that_changes_how_strings_are_read_is_caught_before_the_next_file(
+    project, database, tenant
+):
+    # cursor.connection is the session's own connection, past the checked cursors: what code
+    # can always reach, and what the guard is for.
+    (project.tenant_dir / "20300101000100_strings.py").write_text(
+        "from yoyo import step\n"
+        "def apply(conn):\n"
+        "    raw = conn.cursor().connection\n"
+        "    raw.cursor().execute('SET standard_conforming_strings = off')\n"
+        "steps = [step(apply)]\n"
+    )
+    write_migration(project.tenant_dir, "20300101000200_after", "CREATE TABLE after_it (t text);")
+
+    run = migrate_tenants(project)
+
+    [result] = run.schemas
+    assert result.failure.migration == "20300101000100_strings"
+    assert "standard_conforming_strings to off" in str(result.failure)
+    assert "after_it" not in tables(database, tenant.schema)
+    assert applied_ids(database, tenant.schema)[-1] == ADD
+
+
+PYTHON_MIGRATION = """
+from yoyo import group, step
+
+def fill(conn):
+    cursor = conn.cursor()
+    cursor.execute("INSERT INTO py_notes (body) VALUES (%s)", ("from python",))
+    cursor.execute("SELECT count(*) FROM py_notes")
+    assert cursor.fetchone()[0] == 1
+
+steps = [
+    step("CREATE TABLE py_notes (body TEXT)", "DROP TABLE py_notes"),
+    group(step(fill), step("SELECT 1 FROM py_notes")),
+]
+"""
+
+
+def test_a_python_migration_applies_and_rolls_back_in_its_tenants_transaction(
+    project, database, tenant, capsys
+):
+    (project.tenant_dir / "20300101000100_python.py").write_text(PYTHON_MIGRATION)
+
+    run = migrate_tenants(project)
+
+    assert run.ok, run.failed
+    assert run.schemas[0].migrations == [ADD, "20300101000100_python"]
+    assert query(database, f"SELECT body FROM {tenant.schema}.py_notes") == [("from python",)]
+    assert "py_notes" not in tables(database, "public")
+    assert "from python" not in capsys.readouterr().out  # yoyo prints step results; not here
+
+    back = rollback_tenants(project)
+
+    assert back.ok and back.schemas[0].migrations == ["20300101000100_python", ADD]
+    assert "py_notes" not in tables(database, tenant.schema)

@@ -44,28 +44,33 @@ GUARD_MARK = "yoyo-tenants guard: "
 BEGIN_SQL = (
     "BEGIN; "
     "SELECT set_config('search_path', %(search_path)s, true), "
+    "set_config('yoyo_tenants.user', current_user, true), "
     "set_config('lock_timeout', %(lock_wait)s, true), "
-    "set_config('yoyo_tenants.user', current_user, true); "
-    "SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0)); "
+    "pg_advisory_xact_lock(hashtextextended(%(key)s, 0)); "
     # From here on migrations run: bound how long a statement may wait for a table lock (so the
     # app's queries never queue behind a blocked ALTER for long) and may run.
     "SELECT set_config('lock_timeout', %(lock_timeout)s, true), "
     "set_config('statement_timeout', %(statement_timeout)s, true)"
 )
-#: After each migration: it left the search path, the role, and the way strings are read as the
-#: transaction set them. (A DO block or a function can call set_config where no parser sees it.)
-#: Each message names a setting read at run time: PostgreSQL folds constant casts when planning.
-SESSION_GUARD_SQL = (
-    "SELECT CASE "
+#: Each migration's log row is stamped through this guard: if the migration changed the search
+#: path or the role (a DO block or a function can call set_config where no parser sees it), the
+#: cast fails, naming what changed, and the row is never written. The message is built from
+#: settings read at run time: PostgreSQL folds a constant cast when it plans.
+GUARDED_NOW_SQL = (
+    "CASE WHEN current_setting('search_path') = %(search_path)s "
+    "AND current_user = current_setting('yoyo_tenants.user') "
+    "THEN timezone('UTC', statement_timestamp()) "
+    f"ELSE ('{GUARD_MARK}the migration changed ' || CASE "
     "WHEN current_setting('search_path') <> %(search_path)s "
-    f"THEN ('{GUARD_MARK}the migration changed search_path to ' "
-    "|| current_setting('search_path'))::int "
-    "WHEN current_user <> current_setting('yoyo_tenants.user') "
-    f"THEN ('{GUARD_MARK}the migration changed the role to ' || current_user)::int "
-    "WHEN current_setting('standard_conforming_strings') <> 'on' "
-    f"THEN ('{GUARD_MARK}the migration changed standard_conforming_strings to ' "
-    "|| current_setting('standard_conforming_strings'))::int "
-    "ELSE 0 END"
+    "THEN 'search_path to ' || current_setting('search_path') "
+    "ELSE 'the role to ' || current_user END)::timestamp END"
+)
+#: After a Python migration, whose code may also have changed how the server reads strings in
+#: the messages that follow (a message is read whole before it runs, so within one it cannot).
+STRINGS_GUARD_SQL = (
+    "SELECT CASE WHEN current_setting('standard_conforming_strings') = 'on' THEN 0 "
+    f"ELSE ('{GUARD_MARK}the migration changed standard_conforming_strings to ' "
+    "|| current_setting('standard_conforming_strings'))::int END"
 )
 #: Whatever a migration set on the session goes with its transaction: the next schema on this
 #: connection starts as the connection did.
@@ -200,8 +205,7 @@ class Session:
         #: `start`. A migration is in it from the moment its savepoint is queued.
         self.ran: list[tuple[Migration, str]] = []
         self._parts: list[_Part] = []
-        self._insert = log.INSERT_SQL.format(log=self.log_table).as_string(connection)
-        self._guard: str | None = None
+        self._insert: str | None = None  # made when the first log row is
 
     # -- the transaction ---------------------------------------------------------------------
 
@@ -285,13 +289,10 @@ class Session:
         elif script is not None:  # a Python migration: its steps run now, on this connection
             self.flush()
             self._run_steps(migration, operation)
-        if self._guard is None:
-            self._guard = self._mogrify(SESSION_GUARD_SQL, {"search_path": self.search_path})
-        self._queue(self._guard)
         self._queue_row(migration, operation, batch)
         if script is True:
-            # Checked now, before the next migration's text reaches the server: a message is
-            # parsed whole before it runs, with the session as the Python code left it.
+            # Checked now, before the next migration's text reaches the server.
+            self._queue(STRINGS_GUARD_SQL)
             self.flush()
 
     def mark(self, migration: Migration, operation: str, batch: int | None = None) -> None:
@@ -309,6 +310,11 @@ class Session:
             migration_checksum(migration) if applied else None,
             self.options.run,
         )
+        if self._insert is None:
+            stamp = self._mogrify(GUARDED_NOW_SQL, {"search_path": self.search_path})
+            self._insert = self._text(
+                log.INSERT_SQL.format(log=self.log_table, stamp=sql.SQL(stamp))
+            )
         row_id = self.start + len(self.ran)
         self._queue(f"{self._insert}{row_id}, {self._values(values)}")
 

@@ -69,15 +69,15 @@ UPGRADE_SQL = sql.SQL(
     "DROP TABLE IF EXISTS {version}"
 )
 #: One row, numbered by the caller (who holds the schema's lock and knows the log's end).
-#: A log row: its number (the caller's, who holds the schema's lock and knows the log's end),
-#: then the values a migration's rows share in every schema of a run (see row_values).
+#: A log row: when (a guard's stamp: see engine.py), its number (the caller's, who holds the
+#: schema's lock and knows the log's end), then the values a migration's rows share in every
+#: schema of a run.
 INSERT_SQL = sql.SQL(
-    "INSERT INTO {log} (id, migration_id, operation, batch, checksum, username, hostname, "
-    "created_at_utc, run) VALUES ("
+    "INSERT INTO {log} (created_at_utc, id, migration_id, operation, batch, checksum, username, "
+    "hostname, run) VALUES ({stamp}, "
 )
 VALUES_SQL = (
-    "%(migration_id)s, %(operation)s, %(batch)s, %(checksum)s, %(username)s, %(hostname)s, "
-    "timezone('UTC', statement_timestamp()), %(run)s)"
+    "%(migration_id)s, %(operation)s, %(batch)s, %(checksum)s, %(username)s, %(hostname)s, %(run)s)"
 )
 
 

@@ -30,6 +30,7 @@ class Steps:
 
     def __init__(self, connection, public: bool, where: str):
         self.connection = CheckedConnection(connection, public, where)
+        self._own = connection  # for the savepoints below, which are ours, not the migration's
         self._savepoints = 0
 
     def cursor(self):
@@ -39,7 +40,7 @@ class Steps:
     def transaction(self) -> Iterator[None]:
         self._savepoints += 1
         name = sql.Identifier(STEP_SAVEPOINT.format(self._savepoints))
-        cursor = self.connection.cursor()
+        cursor = self._own.cursor()
         cursor.execute(sql.SQL("SAVEPOINT {}").format(name))
         try:
             yield
