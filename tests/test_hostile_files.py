@@ -291,8 +291,9 @@ def snapshot(params) -> dict[str, list]:
     information_schema and pg_toast; every column of every table in public and the tenants;
     every row of every table in public (the registry, public's log); every tenant's log.
 
-    Not the rows of public.yoyo_tenants_runs: a run that started is recorded there whether or
-    not it changed anything."""
+    Not the rows of the tool's own tables in public: a run that started is recorded in
+    yoyo_tenants_runs whether or not it changed anything, and yoyo_tenants_heads follows the
+    logs, which are compared."""
     with Admin(params) as admin:
         found = {
             "schemas": admin.execute("SELECT nspname FROM pg_namespace ORDER BY 1"),
@@ -316,7 +317,8 @@ def snapshot(params) -> dict[str, list]:
         }
         public_tables = admin.execute(
             "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
-            " AND relkind = 'r' AND relname <> 'yoyo_tenants_runs' ORDER BY 1"
+            " AND relkind = 'r' AND relname NOT IN ('yoyo_tenants_runs', 'yoyo_tenants_heads')"
+            " ORDER BY 1"
         )
         for (table,) in public_tables:
             found[f"public.{table}"] = admin.execute(

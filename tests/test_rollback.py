@@ -397,7 +397,7 @@ def test_rollback_master_of_everything_leaves_public_empty(project):
 
     assert run.schemas[0].migrations == list(reversed(MASTER_IDS))
     assert applied_ids(db, "public") == []
-    assert tables(db, "public") == {*YOYO_TABLES, "yoyo_tenants_runs"}
+    assert tables(db, "public") == {*YOYO_TABLES, "yoyo_tenants_runs", "yoyo_tenants_heads"}
     assert query(db, "SELECT extname FROM pg_extension WHERE extname = 'vector'") == []
 
 

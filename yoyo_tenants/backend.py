@@ -27,7 +27,6 @@ from .engine import RunOptions, SchemaResult, Session, lock_key, migrate_schema,
 from .errors import MigrationFailed, NotReady
 from .loading import SqlMigration
 from .log import Log
-from .plan import next_batch
 
 MAX_IDENTIFIER_BYTES = 63
 
@@ -131,7 +130,14 @@ class TenantBackend(PostgresqlBackend):
     def rollback_one(self, migration: Migration, force=False):
         self._run(migration, "rollback")
 
+    def _writing(self) -> RunOptions:
+        """The options of a run that writes (the heads index made and kept), once."""
+        if not self.options.heads:
+            self.options = server_options(self.connection, self.options, write=True)
+        return self.options
+
     def _run(self, migration: Migration, operation: str) -> None:
+        self._writing()
         plan = _One(self._ours(migration), operation, self)
         result = migrate_schema(self.connection, plan, SchemaResult(self.schema), self.options)
         if result.failure:
@@ -151,7 +157,7 @@ class TenantBackend(PostgresqlBackend):
 
     def _record(self, migrations, operation: str) -> None:
         """Log marks (applied without running) or unmarks, in one transaction."""
-        session = Session(self.connection, self.schema, self.options)
+        session = Session(self.connection, self.schema, self._writing())
         current = session.begin()
         applied = {row.migration_hash for row in current.applied}
         for migration in migrations:
@@ -161,7 +167,7 @@ class TenantBackend(PostgresqlBackend):
 
     def _next_batch(self, current: Log) -> int:
         if self._batch is None:
-            self._batch = next_batch(current.applied)
+            self._batch = current.last_batch + 1
         return self._batch
 
     def _ours(self, migration: Migration) -> Migration:

@@ -16,7 +16,7 @@ from typing import Any
 
 from yoyo.migrations import MigrationList
 
-from . import log, registry, runs, scaffold
+from . import heads, log, registry, runs, scaffold
 from .db import connect, server_params
 from .engine import Direction, RunOptions, SchemaResult, migrate_schema, server_options
 from .errors import TenantsError, UsageError
@@ -63,6 +63,7 @@ def migrate_master(settings: Settings, dry_run: bool = False, **options: Any) ->
         _applying(migrations, opts.allow_drift),
         opts,
         dry_run=dry_run,
+        index=migrations,
     )
 
 
@@ -113,7 +114,16 @@ def migrate_tenants(
     plans = _applying(migrations, opts.allow_drift)
     tenants = _tenants(settings, tenant, jobs)
     return _run(
-        settings, "migrate-tenants", tenants, plans, opts, jobs, fail_fast, dry_run, on_result
+        settings,
+        "migrate-tenants",
+        tenants,
+        plans,
+        opts,
+        jobs,
+        fail_fast,
+        dry_run,
+        on_result,
+        index=migrations,
     )
 
 
@@ -219,8 +229,10 @@ def _run(
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
+    index: MigrationList | None = None,
 ) -> RunResult:
-    """Scan the schemas' logs, then hand those with work to the engine as one run (or, in a
+    """Scan the schemas' logs (judging from the heads index against `index`, the migrations
+    a run applies, when given), then hand those with work to the engine as one run (or, in a
     dry run, say what it would do)."""
     started = time.perf_counter()
     direction = Direction.ROLLBACK if command.startswith("rollback") else Direction.APPLY
@@ -229,7 +241,7 @@ def _run(
     try:
         cursor = connection.cursor()
         options = server_options(connection, options, settings.citus)
-        states = scan(cursor, [t.schema for t in tenants])
+        states = scan(cursor, [t.schema for t in tenants], index)
         plan = plans(states, cursor)
         if dry_run:
             run = _dry_run(tenants, states, plan, direction)
@@ -250,6 +262,7 @@ def _run(
             else:
                 idle[t.schema] = result
         if work:
+            options = server_options(connection, options, settings.citus, write=True)
             options = replace(options, run=runs.start(cursor, command))
     finally:
         connection.close()
@@ -390,25 +403,33 @@ class Status:
 
 def status(settings: Settings) -> Status:
     """Applied and pending migrations of public and of every tenant, in a few queries in all."""
-    master = load_migrations(settings.master_dir, public=True)
-    tenant_migrations = load_migrations(settings.tenant_dir)
     connection = connect(server_params(settings))
     try:
-        cursor = connection.cursor()
-        public = _schema_status(PUBLIC, None, scan(cursor, [PUBLIC])[PUBLIC], master)
-        cursor.execute("SELECT to_regclass('public.tenants')")
-        tenants = registry.list_tenants(cursor) if cursor.fetchone()[0] else []
-        states = scan(cursor, [t.schema for t in tenants])
+        return _status(settings, connection.cursor(), from_index=True)[0]
     finally:
         connection.close()
-    return Status(
-        master=public,
+
+
+def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]:
+    """The status, and every schema's state as read (from the heads index where it is there
+    and `from_index`, else from the logs themselves)."""
+    master = load_migrations(settings.master_dir, public=True)
+    tenant_migrations = load_migrations(settings.tenant_dir)
+    states = scan(cursor, [PUBLIC], master if from_index else None)
+    cursor.execute("SELECT to_regclass('public.tenants')")
+    tenants = registry.list_tenants(cursor) if cursor.fetchone()[0] else []
+    states.update(
+        scan(cursor, [t.schema for t in tenants], tenant_migrations if from_index else None)
+    )
+    report = Status(
+        master=_schema_status(PUBLIC, None, states[PUBLIC], master),
         tenants=[
             _schema_status(t.schema, t.org_id, states[t.schema], tenant_migrations) for t in tenants
         ],
         master_head=master[-1].id if master else None,
         tenant_head=tenant_migrations[-1].id if tenant_migrations else None,
     )
+    return report, states
 
 
 def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList) -> SchemaStatus:
@@ -438,22 +459,33 @@ def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList
 def verify(settings: Settings) -> list[str]:
     """Every way the database disagrees with the migration files and the registry.
 
-    Drift in public or any tenant, registered tenants without a schema, and ``tid_`` schemas
-    that no tenant is registered for. An empty list means all is well.
+    Drift in public or any tenant, logs that cannot be read, registered tenants without a
+    schema, and ``tid_`` schemas that no tenant is registered for, all read from the logs
+    themselves. The heads index is rebuilt from them (see heads.py); a row that disagreed with
+    its log is a problem too. An empty list means all is well.
     """
-    report = status(settings)
-    problems = [f"public: {p}" for p in report.master.drift]
-    if report.master.old_layout:
-        problems.append(f"public: {OLD_LAYOUT} (run invoke migrate-master)")
-    for t in report.tenants:
-        if not t.exists:
-            problems.append(f"{t.org_id}: schema {t.schema} is missing")
-        elif t.old_layout:
-            problems.append(f"{t.org_id} ({t.schema}): {OLD_LAYOUT} (run invoke migrate-tenants)")
-        problems += [f"{t.org_id} ({t.schema}): {p}" for p in t.drift]
     connection = connect(server_params(settings))
     try:
         cursor = connection.cursor()
+        report, states = _status(settings, cursor, from_index=False)
+        problems = [f"public: {p}" for p in report.master.drift]
+        if report.master.old_layout:
+            problems.append(f"public: {OLD_LAYOUT} (run invoke migrate-master)")
+        for t in report.tenants:
+            if not t.exists:
+                problems.append(f"{t.org_id}: schema {t.schema} is missing")
+            elif t.old_layout:
+                problems.append(
+                    f"{t.org_id} ({t.schema}): {OLD_LAYOUT} (run invoke migrate-tenants)"
+                )
+            elif states[t.schema].unreadable:
+                problems.append(f"{t.org_id} ({t.schema}): {states[t.schema].unreadable}")
+            problems += [f"{t.org_id} ({t.schema}): {p}" for p in t.drift]
+        problems += [
+            f"{schema}: the heads index did not match its log (the log was changed by "
+            "something other than yoyo-tenants); rebuilt from the log"
+            for schema in heads.rebuild(cursor, states)
+        ]
         cursor.execute(
             "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s ORDER BY nspname",
             (registry.SCHEMA_PREFIX.replace("_", "\\_") + "%",),

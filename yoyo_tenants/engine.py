@@ -28,7 +28,7 @@ import psycopg2
 from psycopg2 import extensions, sql
 from yoyo.migrations import Migration
 
-from . import log
+from . import heads, log
 from .db import failure_from
 from .errors import Failure, LockBusy, NotReady, TenantsError
 from .log import Log, log_identity, migration_checksum
@@ -118,6 +118,8 @@ class RunOptions:
     statement_per_message: bool = False
     #: The run the log rows name (see runs.py); None for provisioning.
     run: int | None = None
+    #: Keep public.yoyo_tenants_heads up to date with each log written (see heads.py).
+    heads: bool = False
 
     @property
     def wait(self) -> float:
@@ -206,6 +208,11 @@ class Session:
         self.ran: list[tuple[Migration, str]] = []
         self._parts: list[_Part] = []
         self._insert: str | None = None  # made when the first log row is
+        #: The log as the transaction found it, and the batch its rows record.
+        self.base: Log = Log([])
+        self._batch: int | None = None
+        #: Whether the index already says what the log said when the transaction began.
+        self._indexed = True
 
     # -- the transaction ---------------------------------------------------------------------
 
@@ -221,20 +228,22 @@ class Session:
         made, or converted from yoyo's tables, if need be), unless not `read`.
         """
         assert not self.open
-        self.open, self.ran = True, []
+        self.open, self.ran, self.base, self._batch = True, [], Log([]), None
+        self._indexed = True
         self._queue(self._mogrify(BEGIN_SQL, self._session_params()))
         for statement in prelude:
             self._queue(self._text(statement), alone=True)
         if known is not None:
             guard = POSITION_GUARD_SQL.format(log=self.log_table)
             self._queue(self._mogrify(guard, {"position": known.position}))
-            self.start = known.position
+            self.base, self.start = known, known.position
             return known
         if not read:
             return Log([])
-        current = self.read_log(create=True)
-        self.start = current.position
-        return current
+        self.base = self.read_log(create=True)
+        self.start = self.base.position
+        self._indexed = False  # read under the lock: the index is put right at commit
+        return self.base
 
     def read_log(self, create: bool) -> Log:
         """The log as it is now, in this transaction (sending what is queued); if `create`, the
@@ -261,10 +270,23 @@ class Session:
         return Log.from_rows(self.cursor.fetchall())
 
     def commit(self) -> None:
+        if self.options.heads and (self.ran or not self._indexed):
+            self._queue(self._mogrify(heads.UPSERT_SQL, self._head()))
         self._queue("COMMIT; " + RESET_SQL)
         self.flush()
         self.open = False
         self._reset_datestyle()
+
+    def _head(self) -> dict:
+        """The schema's row in the heads index, as this transaction leaves its log."""
+        after = self.base.after(self.ran, self._batch)
+        return {
+            "schema": self.schema,
+            "log": self.log_table.as_string(self.connection),
+            "position": self.start + len(self.ran),
+            "applied": heads.digest_of(after.applied),
+            "batch": after.last_batch,
+        }
 
     def rollback(self) -> None:
         """End the transaction, keeping nothing of it."""
@@ -303,6 +325,8 @@ class Session:
 
     def _queue_row(self, migration: Migration, operation: str, batch: int | None) -> None:
         applied = operation in log.APPLIED
+        if applied and batch is not None:
+            self._batch = batch
         values = (
             migration.id,
             operation,
@@ -493,24 +517,37 @@ class Session:
             )
 
 
-def server_options(connection, options: RunOptions, citus: str = "auto") -> RunOptions:
+def server_options(
+    connection, options: RunOptions, citus: str = "auto", write: bool = False
+) -> RunOptions:
     """`options` fitted to the server, checked once per run: every statement alone on a Citus
-    coordinator (`citus`: "auto" detects it, "on" forces it, "off" forbids it). NotReady when the
-    server would read migration files otherwise than they were checked."""
+    coordinator (`citus`: "auto" detects it, "on" forces it, "off" forbids it), and, for a run
+    that writes, the heads index kept (made the first time). NotReady when the server would read
+    migration files otherwise than they were checked, or the index exists but this user may not
+    keep it."""
     cursor = connection.cursor()
     cursor.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus'), "
-        "current_setting('standard_conforming_strings')"
+        "current_setting('standard_conforming_strings'), "
+        "to_regclass('public.yoyo_tenants_heads') IS NOT NULL, "
+        "has_table_privilege(to_regclass('public.yoyo_tenants_heads'), 'INSERT, UPDATE')"
     )
-    has_citus, strings = cursor.fetchone()
+    has_citus, strings, indexed, may_index = cursor.fetchone()
     if strings != "on":
         raise NotReady(
             "standard_conforming_strings is off for this database or user, so the server would "
             "read backslashes in migration files otherwise than they were checked: turn it on "
             "(ALTER DATABASE ... SET standard_conforming_strings = on, the default)"
         )
+    if write and indexed and not may_index:
+        raise NotReady(
+            "the user may not keep public.yoyo_tenants_heads, the index of every schema's log: "
+            "GRANT INSERT, UPDATE ON public.yoyo_tenants_heads to it"
+        )
+    if write and not indexed:
+        indexed = heads.ensure(cursor)
     per_message = has_citus if citus == "auto" else citus == "on"
-    return replace(options, statement_per_message=per_message)
+    return replace(options, statement_per_message=per_message, heads=write and indexed)
 
 
 #: Quoted values of log rows, by (migration id, operation, batch, checksum, run) and encoding.

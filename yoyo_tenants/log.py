@@ -151,10 +151,32 @@ class Log:
 
     applied: list[AppliedMigration]
     position: int = 0
+    #: Its last batch, when known without its rows (from the heads index: see heads.py).
+    batch: int | None = None
+
+    @property
+    def last_batch(self) -> int:
+        if self.batch is not None:
+            return self.batch
+        return max((row.batch or 0 for row in self.applied), default=0)
+
+    def after(self, done: Iterable[tuple[Migration, str]], batch: int | None) -> Log:
+        """What is applied once `done` ((migration, operation) pairs, in order, recording
+        `batch` with what they apply) is logged too; its position is not known here."""
+        applied = {row.migration_id: row for row in self.applied}
+        for migration, operation in done:
+            if operation in APPLIED:
+                applied.pop(migration.id, None)
+                applied[migration.id] = AppliedMigration(
+                    migration.id, None, batch, migration_checksum(migration)
+                )
+            elif operation in UNDONE:
+                applied.pop(migration.id, None)
+        return Log(list(applied.values()))
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple]) -> Log:
-        """From rows of COLUMNS, in any order."""
+        """From rows of `columns()`, in any order."""
         applied: dict[str, AppliedMigration] = {}
         position = 0
         for row in sorted(rows, key=lambda row: row[0]):

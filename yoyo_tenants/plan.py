@@ -43,7 +43,7 @@ class ApplyPlan:
         if problems:
             raise Drift(self.schema, problems)
         if self.batch is None:  # one batch for the whole run, even over several transactions
-            self.batch = next_batch(log.applied)
+            self.batch = log.last_batch + 1
         return todo
 
 
@@ -148,11 +148,6 @@ def _pending(
         problems = [] if allow_drift else drift(applied, migrations)
         known[key] = (problems, [] if problems else pending(migrations, applied))
     return known[key]
-
-
-def next_batch(applied: Sequence[AppliedMigration]) -> int:
-    """The batch a run records with what it applies to a schema whose log says `applied`."""
-    return max((row.batch for row in applied), default=0) + 1
 
 
 def pending(migrations: MigrationList, applied: Sequence[AppliedMigration]) -> list[Migration]:

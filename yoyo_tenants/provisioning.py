@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import embedded, log, registry
+from . import embedded, heads, log, registry
 from .commands import run_options
 from .db import connect, server_params
 from .engine import MessageFailed, SchemaResult, Session, migrate_schema, server_options
@@ -46,7 +46,7 @@ def provision_tenant(
     options = run_options(settings, lock_wait=lock_wait)
     connection = connect(server_params(settings))
     try:
-        options = server_options(connection, options, settings.citus)
+        options = server_options(connection, options, settings.citus, write=not dry_run)
         if dry_run:
             done = _plan(connection, tenant, migrations)
         else:
@@ -120,7 +120,10 @@ def _check_registration(cursor, tenant: Tenant) -> bool:
 def _unregister(connection, tenant: Tenant, options) -> None:
     """Drop a tenant's schema and registry row, under its lock, in one transaction."""
     session = Session(connection, tenant.schema, options)
-    session.begin(prelude=registry.unregister_sql(tenant), read=False)
+    prelude = registry.unregister_sql(tenant)
+    if heads.exists(connection.cursor()):
+        prelude.append(heads.forget_sql(tenant.schema))
+    session.begin(prelude=prelude, read=False)
     try:
         session.commit()
     except MessageFailed as failed:

@@ -1,0 +1,151 @@
+"""The heads index: who is behind, found without opening every tenant's log, and never trusted
+past what the logs say (a restore, plain yoyo, a hand-edited log)."""
+
+from __future__ import annotations
+
+import pytest
+from psycopg2 import sql
+
+from yoyo_tenants import commands as commands_module
+from yoyo_tenants import heads, migrate_master, migrate_tenants, provision_tenant, verify
+
+from .conftest import TENANT_IDS, applied_ids, columns, query, write_migration
+
+ADD = "20300101000000_add_nickname"
+ORGS = [f"org_heads{i}" for i in range(6)]
+
+
+def add_nickname(settings) -> None:
+    write_migration(
+        settings.tenant_dir,
+        ADD,
+        "ALTER TABLE org_users ADD COLUMN nickname TEXT;",
+        "ALTER TABLE org_users DROP COLUMN nickname;",
+    )
+
+
+def log_reads(messages: list[str]) -> list[str]:
+    """The messages that read some tenant's own log."""
+    return [m for m in messages if "._yoyo_log" in m.replace('"', "") and "tid_" in m]
+
+
+@pytest.fixture
+def fleet(traced):
+    """Six tenants at head on the statement-logging server, indexed."""
+    settings, log = traced
+    migrate_master(settings)
+    tenants = [provision_tenant(settings, org).tenant for org in ORGS]
+    return settings, log, tenants
+
+
+def test_a_run_with_every_tenant_at_head_opens_no_tenant_log(fleet):
+    settings, log, tenants = fleet
+    log.mark()
+
+    run = migrate_tenants(settings)
+
+    assert run.ok and run.count("up to date") == len(ORGS)
+    messages = log.messages()
+    assert log_reads(messages) == []
+    assert any("yoyo_tenants_heads" in m for m in messages)
+
+
+def test_tenants_behind_alike_are_planned_from_one_log(fleet):
+    settings, log, tenants = fleet
+    add_nickname(settings)
+    log.mark()
+
+    run = migrate_tenants(settings, jobs=2)
+
+    assert run.ok and run.count("done") == len(ORGS)
+    reads = [m for m in log_reads(log.messages()) if not m.startswith("BEGIN")]
+    assert len(reads) == 1  # one representative's log: the others share what they applied
+    for t in tenants:
+        assert applied_ids(settings.connection, t.schema) == [*TENANT_IDS, ADD]
+
+
+def test_without_the_index_every_log_is_read(fleet, monkeypatch):
+    settings, log, tenants = fleet
+    monkeypatch.setattr(heads, "exists", lambda cursor: False)
+    log.mark()
+
+    migrate_tenants(settings)
+
+    assert len(log_reads(log.messages())) == 1  # one UNION ALL naming every tenant's log
+    assert all(t.schema in log_reads(log.messages())[0] for t in tenants)
+
+
+def test_a_tenant_restored_from_an_older_copy_is_read_whole_and_brought_to_head(project):
+    migrate_master(project)
+    tenant = provision_tenant(project, ORGS[0]).tenant
+    add_nickname(project)
+    assert migrate_tenants(project).ok
+    db = project.connection
+    # As a restore would leave it: the log as it was before ADD (a new table), and no column.
+    schema = sql.Identifier(tenant.schema)
+    query(db, sql.SQL(
+        "CREATE TABLE {s}.restored AS SELECT * FROM {s}._yoyo_log WHERE migration_id <> %s; "
+        "DROP TABLE {s}._yoyo_log; ALTER TABLE {s}.restored RENAME TO _yoyo_log; "
+        "ALTER TABLE {s}.org_users DROP COLUMN nickname"
+    ).format(s=schema), (ADD,))  # fmt: skip
+
+    run = migrate_tenants(project)
+
+    assert run.schemas[0].migrations == [ADD]
+    assert "nickname" in columns(db, tenant.schema, "org_users")
+    assert verify(project) == []
+
+
+def test_plain_yoyo_tables_in_an_indexed_schema_are_noticed(project):
+    migrate_master(project)
+    tenant = provision_tenant(project, ORGS[0]).tenant
+    query(project.connection, sql.SQL("CREATE TABLE {}._yoyo_migration (x int)").format(
+        sql.Identifier(tenant.schema)))  # fmt: skip
+
+    report = commands_module.status(project)
+
+    assert report.tenants[0].state == "old layout"
+
+
+def test_a_log_changed_behind_the_tools_back_is_found_by_verify_which_rebuilds_the_index(project):
+    migrate_master(project)
+    tenant = provision_tenant(project, ORGS[0]).tenant
+    db = project.connection
+    # Undone by hand, log row and all, as an older yoyo-tenants would: the index is not told.
+    query(db, sql.SQL(
+        "DROP TABLE {s}.chat_messages; INSERT INTO {s}._yoyo_log (id, migration_id, operation, "
+        "created_at_utc) SELECT max(id) + 1, %s, 'rollback', now() FROM {s}._yoyo_log"
+    ).format(s=sql.Identifier(tenant.schema)), (TENANT_IDS[2],))  # fmt: skip
+    assert migrate_tenants(project).count("up to date") == 1  # the index alone cannot know
+
+    problems = verify(project)
+
+    assert problems == [
+        f"{tenant.schema}: the heads index did not match its log (the log was changed by "
+        "something other than yoyo-tenants); rebuilt from the log"
+    ]
+    assert verify(project) == []
+    run = migrate_tenants(project)
+    assert run.schemas[0].migrations == [TENANT_IDS[2]]
+    assert applied_ids(db, tenant.schema) == TENANT_IDS
+
+
+def test_an_index_row_behind_its_log_is_caught_by_the_guard_and_the_log_read_again(project):
+    migrate_master(project)
+    alike, moved = [provision_tenant(project, org).tenant for org in ORGS[:2]]
+    add_nickname(project)
+    db = project.connection
+    # Marked applied by hand in the second (the column added too): its log moved on, the index
+    # did not, and the scan plans it from the first one's log, which the index describes.
+    query(db, sql.SQL(
+        "ALTER TABLE {s}.org_users ADD COLUMN nickname TEXT; INSERT INTO {s}._yoyo_log (id, "
+        "migration_id, operation, created_at_utc) SELECT max(id) + 1, %s, 'mark', now() "
+        "FROM {s}._yoyo_log"
+    ).format(s=sql.Identifier(moved.schema)), (ADD,))  # fmt: skip
+
+    run = migrate_tenants(project, jobs=1)
+
+    by_schema = {r.schema: r.migrations for r in run.schemas}
+    assert run.ok and by_schema == {alike.schema: [ADD], moved.schema: []}  # not applied twice
+    assert applied_ids(db, moved.schema) == [*TENANT_IDS, ADD]
+    assert verify(project) == []  # and the run put the index right, under the schema's lock

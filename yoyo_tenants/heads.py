@@ -1,0 +1,132 @@
+"""An index of every schema's log, in public: where each log ends and what it says is applied.
+
+Finding out which of 10,000 tenants are behind by reading their logs opens 10,000 relations
+(and on Citus, 10,000 remote tables). `public.yoyo_tenants_heads` has one row per schema,
+written by the engine in the same transaction as that schema's log rows: its log table (by oid),
+the log's position, a digest of the migrations applied (ids and checksums) and its last batch.
+A run reads it in one query; schemas whose digest is the head's need nothing, the others are
+grouped by digest and one log per group is read to plan them.
+
+The per-schema log stays the truth: the engine checks, under the schema's lock, that the log
+still ends where the index said, and reads it again if not. A row is used only while its log
+table is the one it names, in the schema it names, so a schema dropped, restored from a dump,
+renamed or re-created reads as unindexed and its log is read whole. A schema changed behind the
+tool's back by anything that writes its log without the index (an older yoyo-tenants, a hand
+INSERT) is seen when the tool next works on it, and by `verify`, which rebuilds the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterable, Sequence
+
+from psycopg2 import errors, sql
+from yoyo.migrations import MigrationList
+
+from . import log
+from .log import AppliedMigration, migration_checksum
+
+TABLE = sql.Identifier("public", "yoyo_tenants_heads")
+CREATE_SQL = sql.SQL(
+    "CREATE TABLE IF NOT EXISTS {heads} ("
+    "schema_name TEXT PRIMARY KEY, "
+    "log_table OID NOT NULL, "
+    "position INTEGER NOT NULL, "
+    "applied TEXT NOT NULL, "
+    "batch INTEGER)"
+).format(heads=TABLE)
+UPSERT_SQL = sql.SQL(
+    "INSERT INTO {heads} (schema_name, log_table, position, applied, batch) "
+    "VALUES (%(schema)s, %(log)s::regclass, %(position)s, %(applied)s, %(batch)s) "
+    "ON CONFLICT (schema_name) DO UPDATE SET log_table = EXCLUDED.log_table, "
+    "position = EXCLUDED.position, applied = EXCLUDED.applied, batch = EXCLUDED.batch"
+).format(heads=TABLE)
+#: The rows still describing the log they name: the same table, named _yoyo_log, in that schema.
+READ_SQL = sql.SQL(
+    "SELECT h.schema_name, h.position, h.applied, h.batch FROM {heads} h "
+    "JOIN pg_class c ON c.oid = h.log_table AND c.relname = %(log)s "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = h.schema_name "
+    "WHERE h.schema_name = ANY(%(schemas)s)"
+).format(heads=TABLE)
+#: Schemas plain yoyo has migrated (its tables, which a run converts): the index cannot know.
+OLD_LAYOUT_SQL = (
+    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relname = %(old)s AND n.nspname = ANY(%(schemas)s)"
+)
+
+
+def forget_sql(schema: str) -> sql.Composed:
+    """Drops a schema's row (its schema is being dropped)."""
+    return sql.SQL("DELETE FROM {} WHERE schema_name = {}").format(TABLE, sql.Literal(schema))
+
+
+def digest(applied: Iterable[tuple[str, str | None]]) -> str:
+    """Of a set of (migration id, checksum): the same set, in any order, the same digest."""
+    text = "\n".join(f"{mid}\t{checksum or ''}" for mid, checksum in sorted(applied))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def digest_of(applied: Sequence[AppliedMigration]) -> str:
+    return digest((row.migration_id, row.checksum) for row in applied)
+
+
+def head_digest(migrations: MigrationList) -> str:
+    """The digest of a schema with every migration applied, as the files are now."""
+    return digest((m.id, migration_checksum(m)) for m in migrations)
+
+
+def exists(cursor) -> bool:
+    cursor.execute("SELECT to_regclass('public.yoyo_tenants_heads') IS NOT NULL")
+    return cursor.fetchone()[0]
+
+
+def ensure(cursor) -> bool:
+    """Make the index if it is not there; False if this user may not (runs then read logs)."""
+    if exists(cursor):
+        return True
+    try:
+        with contextlib.suppress(errors.UniqueViolation):  # another run made it a moment ago
+            cursor.execute(CREATE_SQL)
+    except errors.InsufficientPrivilege:
+        return False
+    return True
+
+
+def read(cursor, schemas: Sequence[str]) -> dict[str, tuple[int, str, int | None]]:
+    """Valid index rows of `schemas`: schema -> (position, digest, batch)."""
+    cursor.execute(READ_SQL, {"log": log.TABLE, "schemas": list(schemas)})
+    rows = cursor.fetchall()
+    return {schema: (position, applied, batch) for schema, position, applied, batch in rows}
+
+
+def old_layouts(cursor, schemas: Sequence[str]) -> set[str]:
+    cursor.execute(OLD_LAYOUT_SQL, {"old": log.OLD_TABLE, "schemas": list(schemas)})
+    return {row[0] for row in cursor.fetchall()}
+
+
+def rebuild(cursor, states) -> list[str]:
+    """Make the index say what the logs in `states` (schema -> runner.SchemaState, read whole)
+    say; the schemas whose row said otherwise (a missing row is added, not counted)."""
+    if not ensure(cursor):
+        return []
+    readable = [s for s, state in states.items() if state.tables_ready and not state.unreadable]
+    rows = read(cursor, readable)
+    wrong = []
+    for schema in readable:
+        found = states[schema].log
+        expected = (found.position, digest_of(found.applied), found.last_batch)
+        if rows.get(schema, expected) != expected:
+            wrong.append(schema)
+        if rows.get(schema) != expected:
+            cursor.execute(
+                UPSERT_SQL,
+                {
+                    "schema": schema,
+                    "log": sql.Identifier(schema, log.TABLE).as_string(cursor),
+                    "position": found.position,
+                    "applied": expected[1],
+                    "batch": found.last_batch,
+                },
+            )
+    return wrong
