@@ -517,3 +517,20 @@ def test_a_python_migration_applies_and_rolls_back_in_its_tenants_transaction(
 
     assert back.ok and back.schemas[0].migrations == ["20300101000100_python", ADD]
     assert "py_notes" not in tables(database, tenant.schema)
+
+
+def test_a_schema_held_by_another_session_is_waited_for_with_lock_wait_not_lock_timeout(
+    project, database, tenant
+):
+    with Admin(database) as holder:
+        holder.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"yoyo-tenants:{tenant.schema}",)
+        )
+        release = threading.Timer(1.0, holder.execute, ("SELECT pg_advisory_unlock_all()",))
+        release.start()
+        started = time.monotonic()
+        run = migrate_tenants(project, lock_wait=10, lock_timeout=0.2)
+        release.join()
+
+    assert time.monotonic() - started >= 0.9
+    assert run.ok and run.schemas[0].migrations == [ADD]

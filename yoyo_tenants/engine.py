@@ -41,15 +41,18 @@ LOCK_NOT_AVAILABLE = "55P03"
 #: A guard failing puts this in its error (a cast of it to int), so it reads as ours.
 GUARD_MARK = "yoyo-tenants guard: "
 
+#: The schema's transaction, its search path and its lock, in one statement (a statement costs
+#: about as much as a short migration): a SELECT's target list runs in order, so the lock is
+#: waited for with lock_wait as its timeout; from then on migrations run, bounded in how long
+#: a statement may wait for a table lock (so the app's queries never queue behind a blocked
+#: ALTER for long) and may run.
 BEGIN_SQL = (
     "BEGIN; "
     "SELECT set_config('search_path', %(search_path)s, true), "
     "set_config('yoyo_tenants.user', current_user, true), "
     "set_config('lock_timeout', %(lock_wait)s, true), "
-    "pg_advisory_xact_lock(hashtextextended(%(key)s, 0)); "
-    # From here on migrations run: bound how long a statement may wait for a table lock (so the
-    # app's queries never queue behind a blocked ALTER for long) and may run.
-    "SELECT set_config('lock_timeout', %(lock_timeout)s, true), "
+    "pg_advisory_xact_lock(hashtextextended(%(key)s, 0)), "
+    "set_config('lock_timeout', %(lock_timeout)s, true), "
     "set_config('statement_timeout', %(statement_timeout)s, true)"
 )
 #: Each migration's log row is stamped through this guard: if the migration changed the search
