@@ -531,6 +531,7 @@ def test_json_report_lists_each_tenant_with_its_migrations_duration_error_and_th
         "failed": 1,
         "skipped": 0,
         "not started": 0,
+        "unknown": 0,
     }
     entries = report["schemas"]
     assert [(e["org_id"], e["schema"]) for e in entries] == [(t.org_id, t.schema) for t in tenants]

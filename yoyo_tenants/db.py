@@ -76,3 +76,16 @@ def _hint(exc: BaseException) -> str | None:
     if code in ("42704", "58P01", "0A000") and ('"vector"' in primary or "/vector." in primary):
         return PGVECTOR_HINT
     return _HINTS.get(code or "")
+
+
+def connection_lost(exc: BaseException) -> str:
+    """Why a connection in use broke, in words: the server's own reason where it sent one."""
+    code = getattr(exc, "pgcode", None)
+    if code == "57P01":
+        return "the server shut down (terminating connection due to administrator command)"
+    if code in ("57P02", "57P03"):
+        return "the server crashed or is restarting"
+    text = " ".join(str(exc).split())
+    if "server closed the connection unexpectedly" in text:
+        return "the connection was lost: the server closed it unexpectedly"
+    return f"the connection was lost ({text or type(exc).__name__})"

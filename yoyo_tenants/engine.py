@@ -29,7 +29,7 @@ from psycopg2 import extensions, sql
 from yoyo.migrations import Migration
 
 from . import heads, log
-from .db import failure_from
+from .db import connection_lost, failure_from
 from .errors import Failure, LockBusy, NotReady, TenantsError
 from .log import Log, log_identity, migration_checksum
 from .scripts import Script
@@ -137,6 +137,7 @@ class Outcome(str, Enum):
     FAILED = "failed"
     SKIPPED = "skipped"  # locked by another run
     NOT_STARTED = "not started"  # the run stopped first
+    UNKNOWN = "unknown"  # the connection broke as it committed, and no log could be read since
 
 
 @dataclass
@@ -151,9 +152,13 @@ class SchemaResult:
     duration: float = 0.0
     sql: list[str] = field(default_factory=list)  # dry runs: what would be executed
     retries: int = 0
+    #: The connection broke while the schema's COMMIT was on its way: what it would have made.
+    in_doubt: ConnectionLost | None = None
 
     @property
     def outcome(self) -> Outcome:
+        if self.in_doubt:
+            return Outcome.UNKNOWN
         if self.failure and self.skipped:
             return Outcome.SKIPPED
         if self.failure:
@@ -164,6 +169,17 @@ class SchemaResult:
 
     def fail(self, message: str, **fields) -> None:
         self.failure = Failure(message, **fields)
+
+
+class ConnectionLost(Exception):
+    """The connection broke during a message. Unless that message carried the COMMIT, nothing
+    of the transaction stays; if it did, whether it landed is for the log to tell: it did if
+    the log has reached `position`, with `migrations` applied (or rolled back)."""
+
+    def __init__(self, reason: str, committing: bool, start: int, position: int, migrations):
+        super().__init__(reason)
+        self.reason, self.committing = reason, committing
+        self.start, self.position, self.migrations = start, position, migrations
 
 
 class LogMoved(Exception):
@@ -403,7 +419,14 @@ class Session:
         it in the transaction, and say what failed where."""
         if self.connection.closed:
             self.open = False
-            return exc  # the connection is gone: the caller's to handle
+            committing = any(part.text.startswith("COMMIT") for part in parts)
+            return ConnectionLost(
+                connection_lost(exc),
+                committing,
+                self.start,
+                self.start + len(self.ran),
+                _migrations(self),
+            )
         migration = next((p.migration for p in parts if p.migration is not None), None)
         if not self.open:  # a non-transactional migration's statement, sent alone
             return MessageFailed(_failure_in(exc, migration, parts))

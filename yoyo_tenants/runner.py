@@ -17,9 +17,9 @@ from psycopg2 import sql
 from yoyo.migrations import MigrationList
 
 from . import heads, log
-from .db import connect, error_text, failure_from
-from .engine import Outcome, SchemaResult
-from .errors import TenantsError
+from .db import connect, connection_lost, error_text
+from .engine import ConnectionLost, Outcome, SchemaResult
+from .errors import ConnectionFailed, TenantsError
 from .log import AppliedMigration, Log, migration_checksum
 
 #: Schemas per query when reading many schemas' migration tables at once: planning a UNION ALL
@@ -52,7 +52,7 @@ class RunResult:
         return sum(1 for r in self.schemas if r.outcome == outcome)
 
 
-NOT_DONE = (Outcome.FAILED, Outcome.SKIPPED, Outcome.NOT_STARTED)
+NOT_DONE = (Outcome.FAILED, Outcome.SKIPPED, Outcome.NOT_STARTED, Outcome.UNKNOWN)
 
 
 # -- many schemas --------------------------------------------------------------------------------
@@ -248,24 +248,29 @@ def run_schemas(
                     result.skipped = True
                     continue
                 if connection is None:
-                    connection = connect(params)
+                    try:
+                        connection = connect(params)
+                    except ConnectionFailed as exc:  # the server is gone: start nothing more
+                        result.skipped = True
+                        result.fail(str(exc))
+                        stop.set()
+                        continue
                 try:
                     action(connection, result)
+                except ConnectionLost as lost:
+                    result.fail(lost.reason)
+                    result.in_doubt = lost if lost.committing and lost.migrations else None
                 except TenantsError as exc:  # about this schema only: the rest go on
                     result.fail(str(exc))
-                except psycopg2.Error as exc:
-                    # Outside any one migration (a dropped connection): this schema failed and
-                    # its transaction is gone; the next schema gets a fresh connection.
-                    result.failure = failure_from(exc)
-                    connection.close()
-                    connection = None
+                except psycopg2.Error as exc:  # outside any migration: a dropped connection
+                    lost = connection.closed
+                    result.fail(connection_lost(exc) if lost else error_text(exc))
+                if connection.closed:
+                    connection = None  # the next schema gets a fresh one
                 if result.failure and fail_fast:
                     stop.set()
                 if on_result:
                     on_result(result)
-        except BaseException:
-            stop.set()  # a worker that cannot connect ends the run
-            raise
         finally:
             if connection is not None:
                 connection.close()
@@ -276,9 +281,37 @@ def run_schemas(
             for future in [pool.submit(worker) for _ in range(workers)]:
                 future.result()
         run.interrupted = stop.signalled
+    settle(params, [r for r in work if r.in_doubt])
     run.schemas = work
     run.duration = time.perf_counter() - started
     return run
+
+
+def settle(params: Mapping[str, str], results: Sequence[SchemaResult]) -> None:
+    """Tell what became of schemas whose connection broke as their COMMIT went out, from their
+    logs: done if the log reached where the commit would have left it, failed (nothing of it
+    applied) if it is where the transaction began. Left unknown if the server cannot be
+    reached, or the log says neither."""
+    if not results:
+        return
+    try:
+        connection = connect(params)
+    except ConnectionFailed:
+        return
+    try:
+        states = scan(connection.cursor(), [r.schema for r in results])
+    except psycopg2.Error:
+        return
+    finally:
+        connection.close()
+    for result in results:
+        lost, position = result.in_doubt, states[result.schema].log.position
+        if position == lost.position:
+            result.migrations += lost.migrations
+            result.failure, result.in_doubt = None, None
+        elif position == lost.start:
+            result.in_doubt = None
+            result.fail(f"{lost.reason}; its transaction did not commit: nothing of it stays")
 
 
 def _next(queue: Iterator[SchemaResult], lock: threading.Lock) -> SchemaResult | None:
