@@ -9,12 +9,14 @@ which then owns their folders (under /tmp, deleted on exit) and the server's key
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -495,3 +497,62 @@ def _cryptography_certificates(directory: Path, names, ips) -> Certificates:
         write("ca.crt", ca), write("server.crt", server), write("server.key", key=server_key),
         write("other_ca.crt", other),
     )  # fmt: skip
+
+
+# -- a TCP proxy that can cut every connection through it -----------------------------------------
+
+
+class CuttingProxy:
+    """Relays 127.0.0.1:`port` to `target`, until cut(): then every connection through it is
+    closed at once, as a network failure would (new ones are still let through)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.target)
+            with self.lock:
+                self.open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> int:
+        """Close every connection through the proxy; how many there were."""
+        with self.lock:
+            cut, self.open = self.open, []
+        for sock in cut:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        return len(cut) // 2
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def pg_ctl(server: Postgres, *args: str):
+    """Run pg_ctl on a server started by postgres() (stop -m immediate, start, ...)."""
+    args = ["-D", str(server.pgdata), "-l", str(server.log_file), "-w", *args]
+    return _pg("pg_ctl", args, server.user, server.home)

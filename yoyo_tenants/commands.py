@@ -352,6 +352,7 @@ class Standing(str, Enum):
     NEVER_MIGRATED = "never migrated"
     OLD_LAYOUT = "old layout"
     SCHEMA_MISSING = "schema missing"
+    UNREADABLE = "unreadable"  # its log could not be read (damaged, or a privilege missing)
 
 
 @dataclass
@@ -364,6 +365,7 @@ class SchemaStatus:
     unknown: list[str]  # applied, but no such file any more
     changed: list[str] = field(default_factory=list)  # applied, and the file changed since
     old_layout: bool = False  # keeps yoyo's tables: the next migrate converts them
+    unreadable: str | None = None  # why its log could not be read
 
     @property
     def drift(self) -> list[str]:
@@ -375,6 +377,8 @@ class SchemaStatus:
     def standing(self) -> Standing:
         if not self.exists:
             return Standing.SCHEMA_MISSING
+        if self.unreadable:
+            return Standing.UNREADABLE
         if self.old_layout:
             return Standing.OLD_LAYOUT
         if self.changed or self.unknown:
@@ -440,6 +444,7 @@ def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList
         org_id=org_id,
         exists=state.exists,
         old_layout=state.old_layout,
+        unreadable=state.unreadable,
         applied=[m.id for m in migrations if m.hash in applied],
         pending=[m.id for m in migrations if m.hash not in applied],
         unknown=[row.migration_id for row in state.applied if row.migration_hash not in files],

@@ -3,6 +3,7 @@ database errors into messages a user can act on (never showing a password)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import psycopg2
@@ -13,7 +14,6 @@ from .settings import Settings, describe, printable
 
 # SQLSTATEs with advice beyond PostgreSQL's own words.
 _HINTS = {
-    "42501": "the database user lacks a privilege this migration needs",
     "55P03": "a lock was not granted in time: another session holds it; retry later",
     "57014": "the statement ran longer than statement_timeout",
 }
@@ -55,27 +55,61 @@ def connection_failed(params: Mapping[str, str], exc: Exception) -> ConnectionFa
     return ConnectionFailed(f"cannot connect to {describe(params)}: {reason}")
 
 
-def error_text(exc: BaseException) -> str:
-    """One line for a failed statement: PostgreSQL's message, plus advice where we have some."""
+def error_text(exc: BaseException, migration: str | None = None, user: str | None = None) -> str:
+    """One line for a failed statement: PostgreSQL's message, plus advice where we have some
+    (`migration`: the migration that was running, if one was; `user`: who ran it)."""
     message = getattr(exc, "pgerror", None) or str(exc)
     first = " ".join(message.strip().splitlines()[0].split()).removeprefix("ERROR: ")
-    hint = _hint(exc)
+    hint = _hint(exc, migration, user)
     return f"{first} ({hint})" if hint else first
 
 
-def failure_from(exc: BaseException, migration: str | None = None) -> Failure:
+def failure_from(exc: BaseException, migration: str | None = None, user: str | None = None):
     """A failed statement as a Failure value."""
-    return Failure(error_text(exc), migration=migration, sqlstate=getattr(exc, "pgcode", None))
+    text = error_text(exc, migration, user)
+    return Failure(text, migration=migration, sqlstate=getattr(exc, "pgcode", None))
 
 
-def _hint(exc: BaseException) -> str | None:
+def _hint(exc: BaseException, migration: str | None, user: str | None) -> str | None:
     code = getattr(exc, "pgcode", None)
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None) or ""
     # The missing object is pgvector's: its type, or the extension's files on the server.
     if code in ("42704", "58P01", "0A000") and ('"vector"' in primary or "/vector." in primary):
         return PGVECTOR_HINT
+    if code == "42501":
+        return _privilege_hint(primary, migration, user or "the migrating user")
     return _HINTS.get(code or "")
+
+
+#: PostgreSQL's words for a missing privilege (the object's name caught), and what grants it.
+_GRANTS = (
+    (r"permission denied for schema (.+)", "GRANT USAGE, CREATE ON SCHEMA {0} TO {user}"),
+    (
+        r"permission denied for (?:table|relation) (.+)",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON {0} TO {user}",
+    ),
+    (r"permission denied for sequence (.+)", "GRANT USAGE, SELECT ON SEQUENCE {0} TO {user}"),
+    (r"permission denied for database (.+)", "GRANT CREATE ON DATABASE {0} TO {user}"),
+    (
+        r"must be owner of (?:table|relation) (.+)",
+        "ALTER TABLE {0} OWNER TO {user} (changing a table takes its owner)",
+    ),
+    (
+        r'permission denied to create extension "(.+)"',
+        "a superuser must run CREATE EXTENSION {0} WITH SCHEMA public",
+    ),
+)
+
+
+def _privilege_hint(message: str, migration: str | None, user: str) -> str:
+    """What to grant, where PostgreSQL's message names the object; the user, and whether a
+    migration needed it, either way."""
+    who = f"{user} lacks a privilege" + (f" migration {migration} needs" if migration else "")
+    for pattern, grant in _GRANTS:
+        if found := re.fullmatch(pattern, message):
+            return f"{who}: {grant.format(*found.groups(), user=user)}"
+    return who
 
 
 def connection_lost(exc: BaseException) -> str:

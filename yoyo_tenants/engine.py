@@ -84,6 +84,11 @@ POSITION_GUARD_SQL = sql.SQL(
     "SELECT CASE WHEN coalesce(max(id), 0) = %(position)s THEN 0 "
     f"ELSE ('{GUARD_MARK}{MOVED} to ' || coalesce(max(id), 0))::int END FROM {{log}}"
 )
+INVALID_INDEXES_SQL = (
+    "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+    "WHERE NOT i.indisvalid AND c.relnamespace = to_regnamespace(quote_ident(%s)) "
+    "ORDER BY c.relname"
+)
 LAYOUT_SQL = (
     "SELECT to_regclass(%(log)s) IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute "
     "WHERE attrelid = to_regclass(%(log)s) AND attname = 'run' AND NOT attisdropped), "
@@ -123,6 +128,9 @@ class RunOptions:
     run: int | None = None
     #: Keep public.yoyo_tenants_heads up to date with each log written (see heads.py).
     heads: bool = False
+    #: Drop invalid indexes (left by an interrupted CREATE INDEX CONCURRENTLY) before running a
+    #: non-transactional migration, which rebuilds them.
+    repair_invalid_indexes: bool = False
 
     @property
     def wait(self) -> float:
@@ -429,7 +437,7 @@ class Session:
             )
         migration = next((p.migration for p in parts if p.migration is not None), None)
         if not self.open:  # a non-transactional migration's statement, sent alone
-            return MessageFailed(_failure_in(exc, migration, parts))
+            return MessageFailed(_failure_in(exc, migration, parts, self.connection.info.user))
         try:
             self.cursor.execute(
                 sql.SQL("ROLLBACK TO SAVEPOINT {}; SELECT coalesce(max(id), 0) FROM {}").format(
@@ -443,10 +451,10 @@ class Session:
             self.rollback()
             if _guard_reason(exc).startswith(MOVED):
                 return LogMoved()
-            return MessageFailed(failure_from(exc))
+            return MessageFailed(failure_from(exc, user=self.connection.info.user))
         migration, _ = self.ran[completed]
         self.ran = self.ran[:completed]
-        return MessageFailed(_failure_in(exc, migration, parts))
+        return MessageFailed(_failure_in(exc, migration, parts, self.connection.info.user))
 
     def _text(self, statement: Statement) -> str:
         return statement if isinstance(statement, str) else statement.as_string(self.connection)
@@ -502,7 +510,28 @@ class Session:
                 RESET_SQL + "; SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))", params
             )
 
+    def _invalid_indexes(self, migration: Migration) -> None:
+        """An interrupted CREATE INDEX CONCURRENTLY (a crash, kill -9, a failed unique build)
+        leaves an invalid index behind, which the migration's second try would trip over or,
+        with IF NOT EXISTS, silently keep: name it, or drop it when asked to."""
+        self.cursor.execute(INVALID_INDEXES_SQL, (self.schema,))
+        for (name,) in self.cursor.fetchall():
+            drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier(self.schema, name)
+            )
+            if not self.options.repair_invalid_indexes:
+                raise MessageFailed(
+                    Failure(
+                        f"index {self.schema}.{name} is invalid, left by an interrupted "
+                        f"CREATE INDEX CONCURRENTLY: run {self._text(drop)}, or run again "
+                        "with --repair-invalid-indexes (drops it; the migration builds it anew)",
+                        migration=migration.id,
+                    )
+                )
+            self.cursor.execute(drop)
+
     def _run_on_session(self, migration: Migration, operation: str, params) -> None:
+        self._invalid_indexes(migration)
         self.cursor.execute(
             "SELECT pg_backend_pid(), set_config('search_path', %(search_path)s, false),"
             " set_config('lock_timeout', %(lock_timeout)s, false),"
@@ -521,7 +550,8 @@ class Session:
                 try:
                     migration.process_steps(steps, _step_direction(operation))
                 except psycopg2.Error as exc:
-                    raise MessageFailed(failure_from(exc, migration=migration.id)) from None
+                    failure = failure_from(exc, migration.id, self.connection.info.user)
+                    raise MessageFailed(failure) from None
             if self.connection.info.transaction_status != extensions.TRANSACTION_STATUS_IDLE:
                 raise MessageFailed(
                     Failure(
@@ -556,7 +586,8 @@ def server_options(
         "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus'), "
         "current_setting('standard_conforming_strings'), "
         "to_regclass('public.yoyo_tenants_heads') IS NOT NULL, "
-        "has_table_privilege(to_regclass('public.yoyo_tenants_heads'), 'INSERT, UPDATE')"
+        "has_table_privilege(to_regclass('public.yoyo_tenants_heads'), 'INSERT') "
+        "AND has_table_privilege(to_regclass('public.yoyo_tenants_heads'), 'UPDATE')"
     )
     has_citus, strings, indexed, may_index = cursor.fetchone()
     if strings != "on":
@@ -600,11 +631,11 @@ def _step_direction(operation: str) -> str:
     return "rollback" if operation == "rollback" else "apply"
 
 
-def _failure_in(exc: psycopg2.Error, migration: Migration | None, parts) -> Failure:
+def _failure_in(exc: psycopg2.Error, migration: Migration | None, parts, user) -> Failure:
     """The failure of `migration`, with the file and line where PostgreSQL gives a position."""
     if migration is None:
-        return failure_from(exc)
-    failure = failure_from(exc, migration=migration.id)
+        return failure_from(exc, user=user)
+    failure = failure_from(exc, migration.id, user)
     if GUARD_MARK in failure.message:
         return Failure(_guard_reason(exc), migration=migration.id)
     position = getattr(getattr(exc, "diag", None), "statement_position", None)

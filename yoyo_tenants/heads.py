@@ -42,12 +42,17 @@ UPSERT_SQL = sql.SQL(
     "ON CONFLICT (schema_name) DO UPDATE SET log_table = EXCLUDED.log_table, "
     "position = EXCLUDED.position, applied = EXCLUDED.applied, batch = EXCLUDED.batch"
 ).format(heads=TABLE)
-#: The rows still describing the log they name: the same table, named _yoyo_log, in that schema.
+#: The rows still describing the log they name: the same table, named _yoyo_log, in that schema,
+#: with every column a run reads and writes, and this user allowed to. Any other schema's log is
+#: read whole (and, if it cannot be, reported by name).
 READ_SQL = sql.SQL(
     "SELECT h.schema_name, h.position, h.applied, h.batch FROM {heads} h "
     "JOIN pg_class c ON c.oid = h.log_table AND c.relname = %(log)s "
     "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = h.schema_name "
-    "WHERE h.schema_name = ANY(%(schemas)s)"
+    "WHERE h.schema_name = ANY(%(schemas)s) "
+    "AND has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT') "
+    "AND (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid "
+    "AND a.attname = ANY(%(columns)s) AND NOT a.attisdropped) = %(count)s"
 ).format(heads=TABLE)
 #: Schemas plain yoyo has migrated (its tables, which a run converts): the index cannot know.
 OLD_LAYOUT_SQL = (
@@ -95,7 +100,8 @@ def ensure(cursor) -> bool:
 
 def read(cursor, schemas: Sequence[str]) -> dict[str, tuple[int, str, int | None]]:
     """Valid index rows of `schemas`: schema -> (position, digest, batch)."""
-    cursor.execute(READ_SQL, {"log": log.TABLE, "schemas": list(schemas)})
+    params = {"log": log.TABLE, "schemas": list(schemas), "columns": list(log.COLUMN_NAMES)}
+    cursor.execute(READ_SQL, {**params, "count": len(log.COLUMN_NAMES)})
     rows = cursor.fetchall()
     return {schema: (position, applied, batch) for schema, position, applied, batch in rows}
 

@@ -52,6 +52,10 @@ CREATE_SQL = sql.SQL(
     "created_at_utc TIMESTAMP NOT NULL, "
     "run BIGINT)"
 )
+COLUMN_NAMES = (
+    "id", "migration_id", "operation", "batch", "checksum", "username", "hostname",
+    "created_at_utc", "run",
+)  # fmt: skip
 #: A log from before runs were recorded gets the column the first time a run writes to it.
 RUN_COLUMN = "run"
 ADD_RUN_SQL = sql.SQL("ALTER TABLE {log} ADD COLUMN IF NOT EXISTS run BIGINT")
