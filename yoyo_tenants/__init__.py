@@ -4,6 +4,9 @@ The commands are plain functions (see `yoyo_tenants.commands`); the invoke tasks
 over them.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from .commands import (
     DEFAULT_JOBS,
     make_migration,
@@ -18,6 +21,12 @@ from .errors import TenantsError
 from .provisioning import deprovision_tenant, provision_tenant
 from .registry import schema_for
 from .settings import Settings
+
+try:
+    # The version lives in pyproject.toml only; this is what was installed from it.
+    __version__ = _version("yoyo-tenants")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "unknown"
 
 __all__ = [
     "DEFAULT_JOBS",

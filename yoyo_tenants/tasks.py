@@ -275,3 +275,14 @@ ns = Collection(
     verify,
     db,
 )
+
+
+@task
+def version(c):
+    """Print yoyo-tenants' version (invoke --version prints invoke's own, before tasks load)."""
+    from . import __version__
+
+    out.print(f"yoyo-tenants {__version__}")
+
+
+ns.add_task(version)
