@@ -213,8 +213,8 @@ def _tenants(settings: Settings, org_id: str | None, jobs: int) -> list[Tenant]:
     try:
         cursor = connection.cursor()
         if org_id is not None:
-            return [registry.get_tenant(cursor, org_id)]
-        return registry.list_tenants(cursor)
+            return [registry.tenant_of(cursor, org_id, settings.tenants_query)]
+        return registry.list_tenants(cursor, settings.tenants_query)
     finally:
         connection.close()
 
@@ -420,8 +420,11 @@ def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]
     master = load_migrations(settings.master_dir, public=True)
     tenant_migrations = load_migrations(settings.tenant_dir)
     states = scan(cursor, [PUBLIC], master if from_index else None)
-    cursor.execute("SELECT to_regclass('public.tenants')")
-    tenants = registry.list_tenants(cursor) if cursor.fetchone()[0] else []
+    if settings.tenants_query is not None:
+        tenants = registry.list_tenants(cursor, settings.tenants_query)
+    else:
+        cursor.execute("SELECT to_regclass('public.tenants')")
+        tenants = registry.list_tenants(cursor) if cursor.fetchone()[0] else []
     states.update(
         scan(cursor, [t.schema for t in tenants], tenant_migrations if from_index else None)
     )
@@ -491,6 +494,8 @@ def verify(settings: Settings) -> list[str]:
             "something other than yoyo-tenants); rebuilt from the log"
             for schema in heads.rebuild(cursor, states)
         ]
+        if settings.tenants_query is not None:
+            return problems  # which schemas are tenants is the query's to say, not a prefix
         cursor.execute(
             "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s ORDER BY nspname",
             (registry.SCHEMA_PREFIX.replace("_", "\\_") + "%",),

@@ -52,11 +52,31 @@ def ensure_registry(cursor) -> None:
         raise NotReady(REGISTRY_MISSING)
 
 
-def list_tenants(cursor) -> list[Tenant]:
-    """Every registered tenant, oldest first."""
-    ensure_registry(cursor)
-    cursor.execute("SELECT clerk_org_id, schema_name, status FROM public.tenants ORDER BY id")
-    return [Tenant(*row) for row in cursor.fetchall()]
+def list_tenants(cursor, query: str | None = None) -> list[Tenant]:
+    """Every tenant: the registry's, oldest first, or the rows of `query` (the project's
+    `tenants-query`: SQL returning tenant id and schema name, in the order to migrate them)."""
+    if query is None:
+        ensure_registry(cursor)
+        cursor.execute("SELECT clerk_org_id, schema_name, status FROM public.tenants ORDER BY id")
+        return [Tenant(*row) for row in cursor.fetchall()]
+    try:
+        cursor.execute(query)
+    except psycopg2.Error as exc:
+        raise NotReady(f"tenants-query failed: {' '.join(str(exc).split())}") from None
+    rows = cursor.fetchall() if cursor.description else None
+    if rows is None or len(cursor.description) != 2:
+        raise NotReady("tenants-query must return two columns: tenant id, schema name")
+    return [Tenant(None if tid is None else str(tid), str(schema)) for tid, schema in rows]
+
+
+def tenant_of(cursor, org_id: str, query: str | None = None) -> Tenant:
+    """The tenant `org_id` names: registered (or, with `query`, among its rows)."""
+    if query is None:
+        return get_tenant(cursor, org_id)
+    for tenant in list_tenants(cursor, query):
+        if tenant.org_id == org_id:
+            return tenant
+    raise UnknownTenant(f"tenants-query returns no tenant {org_id}")
 
 
 def find_tenant(cursor, org_id: str) -> Tenant | None:
