@@ -61,6 +61,24 @@ OLD_LAYOUT_SQL = (
 )
 
 
+#: Provisioning's first statement: some tenant is at the files' head, or there are none. If not,
+#: the new org would be provisioned from files the others may have applied otherwise (drift):
+#: the provisioning stops before it has written anything, and looks (see provisioning.py).
+FLEET_BEHIND = "no tenant is at the head of the files"
+FLEET_GUARD_SQL = sql.SQL(
+    "SELECT CASE WHEN NOT EXISTS (SELECT FROM {heads} WHERE schema_name <> 'public') "
+    "OR EXISTS (SELECT FROM {heads} WHERE applied = {head}) THEN 0 "
+    "ELSE ('yoyo-tenants guard: " + FLEET_BEHIND + " (' || current_user || ')')::int END"
+)
+FURTHEST_SQL = sql.SQL(
+    "SELECT schema_name FROM {heads} WHERE schema_name <> 'public' ORDER BY position DESC LIMIT 1"
+).format(heads=TABLE)
+
+
+def fleet_guard_sql(migrations: MigrationList) -> sql.Composed:
+    return FLEET_GUARD_SQL.format(heads=TABLE, head=sql.Literal(head_digest(migrations)))
+
+
 def forget_sql(schema: str) -> sql.Composed:
     """Drops a schema's row (its schema is being dropped)."""
     return sql.SQL("DELETE FROM {} WHERE schema_name = {}").format(TABLE, sql.Literal(schema))

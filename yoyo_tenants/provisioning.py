@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import embedded, heads, log, registry
@@ -17,7 +17,7 @@ from .engine import MessageFailed, SchemaResult, Session, migrate_schema, server
 from .errors import LockBusy, MigrationFailed, NotReady, SchemaCollision, TenantsError
 from .loading import load_migrations
 from .log import Log
-from .plan import ApplyPlan, Drift, migration_sql
+from .plan import ApplyPlan, Drift, drift, migration_sql
 from .registry import Tenant
 from .runner import scan
 from .settings import Settings
@@ -34,16 +34,22 @@ class Provisioned:
 
 
 def provision_tenant(
-    settings: Settings, org_id: str, dry_run: bool = False, lock_wait: float | None = None
+    settings: Settings,
+    org_id: str,
+    dry_run: bool = False,
+    lock_wait: float | None = None,
+    allow_drift: bool = False,
 ) -> Provisioned:
     """Register `org_id`, create its schema and apply every tenant migration, all or nothing.
 
+    Refused (unless `allow_drift`) when the tenants already there applied a migration whose
+    file has changed or gone since: the new org would get other tables than they have.
     Re-running it for a registered org brings that org's schema up to date.
     """
     started = time.perf_counter()
     tenant = Tenant(registry.check_org_id(org_id), registry.schema_for(org_id))
     migrations = load_migrations(settings.tenant_dir)
-    options = run_options(settings, lock_wait=lock_wait)
+    options = run_options(settings, lock_wait=lock_wait, allow_drift=allow_drift)
     connection = connect(server_params(settings))
     try:
         options = server_options(connection, options, settings.citus, write=not dry_run)
@@ -62,10 +68,16 @@ def _provision(connection, tenant: Tenant, migrations, options) -> Provisioned:
     (one message, unless a migration is non-transactional)."""
     result = SchemaResult(tenant.schema, tenant.org_id)
     prelude = [*registry.register_sql(tenant), log.create_sql(tenant.schema)]
+    if options.heads and not options.allow_drift:
+        prelude.insert(0, heads.fleet_guard_sql(migrations))
     plan = ApplyPlan(tenant.schema, migrations)
     migrate_schema(connection, plan, result, options, Log([]), prelude, atomic=True)
     if result.failure is None:
         return Provisioned(tenant, created=True, migrations=result.migrations)
+    if heads.FLEET_BEHIND in str(result.failure):
+        # No tenant is at the files' head: behind (a migration not deployed yet), or drift.
+        _check_fleet(connection, migrations)
+        return _provision(connection, tenant, migrations, replace(options, allow_drift=True))
     if result.failure.migration is None and not result.skipped:
         # Nothing ran: the registry row or the schema was refused. Find out why; a registered
         # org is brought up to date.
@@ -76,6 +88,19 @@ def _provision(connection, tenant: Tenant, migrations, options) -> Provisioned:
     if result.skipped:
         raise LockBusy(str(result.failure))
     raise MigrationFailed(result.failure.migration or "-", tenant.schema, str(result.failure))
+
+
+def _check_fleet(connection, migrations) -> None:
+    """Drift (an applied migration's file changed or gone) in the tenant furthest along, which
+    has applied the most of the files a new tenant would get."""
+    cursor = connection.cursor()
+    cursor.execute(heads.FURTHEST_SQL)
+    found = cursor.fetchone()
+    if found is None:
+        return
+    furthest = found[0]
+    if problems := drift(scan(cursor, [furthest])[furthest].applied, migrations):
+        raise Drift(furthest, problems)
 
 
 def _registered(connection, tenant: Tenant, migrations, options, first_failure) -> Provisioned:

@@ -1,0 +1,93 @@
+"""Adoption: a project's own tenants query, validation on migrate (drift stops a deploy and a
+new org alike), repair of accepted edits, restore of an archived tenant, the yoyo CLI as safe as
+the tasks."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant, status, verify
+from yoyo_tenants.plan import Drift
+
+from .conftest import TENANT_IDS, applied_ids, query, tables, write_migration
+
+ADD = "20300101000000_add_nickname"
+ORGS = ["org_adopt1", "org_adopt2"]
+
+
+@pytest.fixture
+def fleet(project):
+    migrate_master(project)
+    return [provision_tenant(project, org).tenant for org in ORGS]
+
+
+def edit(settings, migration_id: str = TENANT_IDS[1]) -> None:
+    path = settings.tenant_dir / f"{migration_id}.sql"
+    path.write_text(path.read_text() + "-- an edit after it was applied\n")
+
+
+# -- tenants-query -------------------------------------------------------------------------------
+
+
+def test_a_project_names_its_tenants_with_a_query(project, database):
+    migrate_master(project)
+    query(database, "CREATE TABLE public.accounts (slug text); "
+          "INSERT INTO public.accounts VALUES ('acme'), ('globex'); "
+          "CREATE SCHEMA acct_acme; CREATE SCHEMA acct_globex")  # fmt: skip
+    custom = replace(project, tenants_query="SELECT slug, 'acct_' || slug FROM public.accounts")
+
+    run = migrate_tenants(custom, jobs=2)
+
+    assert run.ok and [r.org_id for r in run.schemas] == ["acme", "globex"]
+    assert applied_ids(database, "acct_acme") == TENANT_IDS
+    assert {t.schema for t in status(custom).tenants} == {"acct_acme", "acct_globex"}
+    assert verify(custom) == []
+    assert migrate_tenants(custom, tenant="globex").schemas[0].schema == "acct_globex"
+
+
+# -- validate on migrate -------------------------------------------------------------------------
+
+
+def test_an_edited_applied_migration_stops_migrate_even_with_nothing_pending(project, fleet):
+    edit(project)
+
+    run = migrate_tenants(project)
+
+    assert not run.ok
+    for result in run.schemas:
+        assert f"{TENANT_IDS[1]} changed since it was applied" in str(result.failure)
+    assert migrate_tenants(project, allow_drift=True).ok
+
+
+def test_a_vanished_applied_migration_stops_migrate_master(project):
+    migrate_master(project)
+    (project.master_dir / "20250101000300_create_coaching_categories.sql").unlink()
+
+    run = migrate_master(project)
+
+    assert not run.ok
+    assert "20250101000300_create_coaching_categories was applied but its file is gone" in str(
+        run.schemas[0].failure
+    )
+
+
+def test_a_new_org_is_refused_when_the_tenants_applied_an_edited_file(project, database, fleet):
+    edit(project)
+
+    with pytest.raises(Drift, match=f"{TENANT_IDS[1]} changed since it was applied"):
+        provision_tenant(project, "org_adopt3")
+
+    assert query(database, "SELECT count(*) FROM public.tenants") == [(2,)]
+    done = provision_tenant(project, "org_adopt3", allow_drift=True)
+    assert done.created and done.migrations == TENANT_IDS
+
+
+def test_a_new_org_gets_a_migration_the_others_are_still_waiting_for(project, fleet):
+    write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname TEXT;")
+
+    done = provision_tenant(project, "org_adopt3")  # no tenant at head, but no drift either
+
+    assert done.created and done.migrations == [*TENANT_IDS, ADD]
+    assert "org_users" in tables(project.connection, done.tenant.schema)
