@@ -139,13 +139,15 @@ def columns(params, schema: str, table: str) -> set[str]:
 
 def applied_ids(params, schema: str) -> list[str]:
     """What the schema's log says is applied, oldest first, worked out in SQL (independently of
-    the package's own reading): each migration's last apply or mark not undone since."""
+    the package's own reading): each migration's last apply or mark not undone since (an
+    accept row, from repair, changes only a checksum)."""
     rows = query(
         params,
         sql.SQL(
             "SELECT migration_id FROM ("
             " SELECT DISTINCT ON (migration_id) id, migration_id, operation FROM {}"
-            " WHERE operation <> 'post-apply' ORDER BY migration_id, id DESC) latest"
+            " WHERE operation IN ('apply', 'mark', 'rollback', 'unmark')"
+            " ORDER BY migration_id, id DESC) latest"
             " WHERE operation IN ('apply', 'mark') ORDER BY id"
         ).format(sql.Identifier(schema, "_yoyo_log")),
     )

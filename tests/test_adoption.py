@@ -8,7 +8,14 @@ from dataclasses import replace
 
 import pytest
 
-from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant, status, verify
+from yoyo_tenants import (
+    migrate_master,
+    migrate_tenants,
+    provision_tenant,
+    repair,
+    status,
+    verify,
+)
 from yoyo_tenants.plan import Drift
 
 from .conftest import TENANT_IDS, applied_ids, query, tables, write_migration
@@ -91,3 +98,52 @@ def test_a_new_org_gets_a_migration_the_others_are_still_waiting_for(project, fl
 
     assert done.created and done.migrations == [*TENANT_IDS, ADD]
     assert "org_users" in tables(project.connection, done.tenant.schema)
+
+
+# -- repair --------------------------------------------------------------------------------------
+
+
+def test_repair_accepts_an_edited_migration_in_every_schema_with_a_new_log_row(project, fleet):
+    edit(project)
+    planned = repair(project, dry_run=True)
+    assert {r.schema: r.migrations for r in planned.schemas if r.migrations} == {
+        t.schema: [TENANT_IDS[1]] for t in fleet
+    }
+    assert verify(project) != []
+
+    done = repair(project)
+
+    assert done.ok and done.run
+    assert verify(project) == []
+    assert all(t.state == "at head" for t in status(project).tenants)
+    for t in fleet:
+        rows = query(project.connection, f"SELECT operation FROM {t.schema}._yoyo_log "
+                     "WHERE migration_id = %s ORDER BY id", (TENANT_IDS[1],))  # fmt: skip
+        assert rows == [("apply",), ("accept",)]  # the apply row stays as it was
+        assert applied_ids(project.connection, t.schema) == TENANT_IDS  # in the same order
+    assert migrate_tenants(project).ok  # a deploy goes on
+
+
+def test_repair_of_one_migration_leaves_other_edits_as_drift(project, fleet):
+    edit(project, TENANT_IDS[1])
+    edit(project, TENANT_IDS[2])
+
+    repair(project, migration=TENANT_IDS[2])
+
+    problems = verify(project)
+    assert problems and all(TENANT_IDS[1] in p for p in problems)
+
+
+def test_a_deleted_file_stays_an_error_unless_forgotten(project, fleet):
+    write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname TEXT;")
+    assert migrate_tenants(project).ok
+    (project.tenant_dir / f"{ADD}.sql").unlink()
+
+    refused = repair(project)
+    assert not refused.ok and all(ADD in str(r.failure) for r in refused.failed)
+    assert all("--forget-missing" in str(r.failure) for r in refused.failed)
+
+    done = repair(project, forget_missing=True)
+
+    assert done.ok and verify(project) == []
+    assert all(applied_ids(project.connection, t.schema) == TENANT_IDS for t in fleet)

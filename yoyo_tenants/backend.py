@@ -23,7 +23,15 @@ from yoyo.backends.core.postgresql import PostgresqlBackend
 from yoyo.migrations import Migration
 
 from . import log
-from .engine import RunOptions, SchemaResult, Session, lock_key, migrate_schema, server_options
+from .engine import (
+    RunOptions,
+    SchemaResult,
+    Session,
+    lock_key,
+    mark_schema,
+    migrate_schema,
+    server_options,
+)
 from .errors import MigrationFailed, NotReady
 from .loading import SqlMigration
 from .log import Log
@@ -157,13 +165,17 @@ class TenantBackend(PostgresqlBackend):
 
     def _record(self, migrations, operation: str) -> None:
         """Log marks (applied without running) or unmarks, in one transaction."""
-        session = Session(self.connection, self.schema, self._writing())
-        current = session.begin()
-        applied = {row.migration_hash for row in current.applied}
-        for migration in migrations:
-            if (migration.hash in applied) == (operation == "unmark"):
-                session.mark(migration, operation, self._next_batch(current))
-        session.commit()
+
+        def choose(current: Log) -> list:
+            applied = {row.migration_hash for row in current.applied}
+            batch = self._next_batch(current)
+            return [
+                (migration, operation, batch)
+                for migration in migrations
+                if (migration.hash in applied) == (operation == "unmark")
+            ]
+
+        mark_schema(self.connection, self.schema, self._writing(), choose)
 
     def _next_batch(self, current: Log) -> int:
         if self._batch is None:

@@ -18,11 +18,18 @@ from yoyo.migrations import MigrationList
 
 from . import heads, log, registry, runs, scaffold
 from .db import connect, server_params
-from .engine import Direction, RunOptions, SchemaResult, migrate_schema, server_options
+from .engine import (
+    Direction,
+    RunOptions,
+    SchemaResult,
+    mark_schema,
+    migrate_schema,
+    server_options,
+)
 from .errors import TenantsError, UsageError
 from .loading import load_migrations
 from .log import Log, migration_checksum
-from .plan import ApplyPlan, Drift, RollbackPlan, RollbackTarget, migration_sql
+from .plan import ApplyPlan, Drift, RepairPlan, RollbackPlan, RollbackTarget, migration_sql
 from .registry import Tenant
 from .runner import RunResult, SchemaState, run_schemas, scan
 from .scripts import drops_table
@@ -518,3 +525,64 @@ def make_migration(settings: Settings, kind: str, name: str, py: bool = False) -
     """Create a new master or tenant migration file; return the paths created."""
     directory = {"master": settings.master_dir, "tenant": settings.tenant_dir}[kind]
     return scaffold.new_migration(directory, name, py=py)
+
+
+# -- repair --------------------------------------------------------------------------------------
+
+
+def repair(
+    settings: Settings,
+    migration: str | None = None,
+    forget_missing: bool = False,
+    dry_run: bool = False,
+    jobs: int = DEFAULT_JOBS,
+) -> RunResult:
+    """Accept edits to applied migrations, as Flyway's repair does: in public and every tenant,
+    each applied migration (or only `migration`) whose file changed since gets a log row with
+    its checksum as it is now; afterwards verify passes and status shows no drift. A file that
+    is gone stays an error unless `forget_missing` (then the migration is unmarked)."""
+    master = load_migrations(settings.master_dir, public=True)
+    tenant_migrations = load_migrations(settings.tenant_dir)
+    known = {m.id for m in [*master, *tenant_migrations]}
+    if migration is not None and migration not in known and not forget_missing:
+        raise UsageError(f"no migration {migration} in {settings.master_dir} or "
+                         f"{settings.tenant_dir}")  # fmt: skip
+    params = server_params(settings)
+    connection = connect(params)
+    try:
+        cursor = connection.cursor()
+        options = server_options(connection, run_options(settings), settings.citus, not dry_run)
+        report, states = _status(settings, cursor, from_index=False)
+        folders = {PUBLIC: master, **{t.schema: tenant_migrations for t in report.tenants}}
+        orgs = {t.schema: t.org_id for t in report.tenants}
+        results, work, plans = [], [], {}
+        for schema, migrations in folders.items():
+            result = SchemaResult(schema, orgs.get(schema))
+            results.append(result)
+            if not states[schema].tables_ready or states[schema].unreadable:
+                continue
+            plans[schema] = RepairPlan(schema, migrations, migration, forget_missing)
+            try:
+                marks = plans[schema].choose(states[schema].log)
+            except TenantsError as exc:
+                result.fail(str(exc))
+                continue
+            if dry_run:
+                result.migrations = [m.id for m, _, _ in marks]
+            elif marks:
+                work.append(result)
+        if work:
+            options = replace(options, run=runs.start(cursor, "repair"))
+    finally:
+        connection.close()
+    if dry_run:
+        return RunResult("repair", results, dry_run=True)
+
+    def action(connection, result: SchemaResult) -> SchemaResult:
+        marks = mark_schema(connection, result.schema, options, plans[result.schema].choose)
+        result.migrations = [m.id for m, _, _ in marks]
+        return result
+
+    done = run_schemas(params, work, action, direction="repair", jobs=jobs)
+    done.schemas, done.run = results, options.run
+    return done

@@ -358,7 +358,7 @@ class Session:
             migration.id,
             operation,
             batch if applied else None,
-            migration_checksum(migration) if applied else None,
+            migration_checksum(migration) if applied or operation == log.ACCEPT else None,
             self.options.run,
         )
         if self._insert is None:
@@ -663,6 +663,17 @@ def _encoding(connection) -> str:
 
 def _ms(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
+
+
+def mark_schema(connection, schema: str, options: RunOptions, choose) -> list:
+    """Log operations that run nothing (mark, unmark, accept) in `schema`, under its lock:
+    `choose(log)` says which, as (migration, operation, batch) from the log as it is then."""
+    session = Session(connection, schema, options)
+    marks = choose(session.begin())
+    for migration, operation, batch in marks:
+        session.mark(migration, operation, batch)
+    session.commit()
+    return marks
 
 
 # -- one schema, start to finish -----------------------------------------------------------------

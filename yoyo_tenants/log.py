@@ -114,6 +114,9 @@ def upgrade_sql(schema: str) -> sql.Composed:
 
 APPLIED = ("apply", "mark")
 UNDONE = ("rollback", "unmark")
+#: The file of an applied migration as it is now is accepted (`invoke repair`): its checksum
+#: becomes this row's; it stays where it was in the order of what is applied.
+ACCEPT = "accept"
 #: Logged, never applied: a post-apply hook runs after every run that applied something.
 HOOK = "post-apply"
 USERNAME_WIDTH, HOSTNAME_WIDTH = 63, 95
@@ -176,6 +179,9 @@ class Log:
                 )
             elif operation in UNDONE:
                 applied.pop(migration.id, None)
+            elif operation == ACCEPT and migration.id in applied:
+                row = applied[migration.id]
+                applied[migration.id] = row._replace(checksum=migration_checksum(migration))
         return Log(list(applied.values()))
 
     @classmethod
@@ -191,6 +197,8 @@ class Log:
                 applied[migration_id] = AppliedMigration(
                     migration_id, created_at, batch, checksum, run
                 )
+            elif operation == ACCEPT and migration_id in applied:
+                applied[migration_id] = applied[migration_id]._replace(checksum=checksum)
         return cls(list(applied.values()), position)
 
 

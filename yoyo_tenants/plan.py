@@ -15,7 +15,7 @@ from weakref import WeakKeyDictionary
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
 from .errors import MigrationsMissing, TenantsError, UsageError
-from .log import AppliedMigration, Log, migration_checksum
+from .log import ACCEPT, AppliedMigration, Log, migration_checksum
 
 
 class Drift(TenantsError):
@@ -175,3 +175,38 @@ def migration_sql(migration: Migration, operation: str) -> list[str]:
         return [f"-- Python migration {migration.path}: runs its steps' code"]
     script = migration.rollback_script if operation == "rollback" else migration.script
     return [f"{text};" for _, text in script.statements()] if script else []
+
+
+class RepairPlan:
+    """Accept the files of applied migrations as they are now: for each one that changed since
+    it was applied, a log row recording its current checksum (never an update of the old row).
+    An applied migration whose file is gone is an error, or, if `forget_missing`, unmarked."""
+
+    def __init__(
+        self,
+        schema: str,
+        migrations: MigrationList,
+        only: str | None = None,
+        forget_missing: bool = False,
+    ):
+        self.schema, self.only, self.forget_missing = schema, only, forget_missing
+        self.files = {m.hash: m for m in migrations}
+
+    def choose(self, log: Log) -> list[tuple[Migration, str, None]]:
+        marks, missing = [], []
+        for row in log.applied:
+            if self.only is not None and row.migration_id != self.only:
+                continue
+            migration = self.files.get(row.migration_hash)
+            if migration is None and self.forget_missing:
+                marks.append((Migration(row.migration_id, None, None), "unmark", None))
+            elif migration is None:
+                missing.append(row.migration_id)
+            elif row.checksum and row.checksum != migration_checksum(migration):
+                marks.append((migration, ACCEPT, None))
+        if missing:
+            raise MigrationsMissing(
+                f"{self.schema}: {', '.join(missing)} applied but the file is gone: restore it, "
+                "or pass --forget-missing to forget it was applied"
+            )
+        return marks
