@@ -9,13 +9,16 @@ from dataclasses import replace
 import pytest
 
 from yoyo_tenants import (
+    deprovision_tenant,
     migrate_master,
     migrate_tenants,
     provision_tenant,
     repair,
+    restore_tenant,
     status,
     verify,
 )
+from yoyo_tenants.errors import SchemaCollision, UsageError
 from yoyo_tenants.plan import Drift
 
 from .conftest import TENANT_IDS, applied_ids, query, tables, write_migration
@@ -147,3 +150,28 @@ def test_a_deleted_file_stays_an_error_unless_forgotten(project, fleet):
 
     assert done.ok and verify(project) == []
     assert all(applied_ids(project.connection, t.schema) == TENANT_IDS for t in fleet)
+
+
+# -- restore -------------------------------------------------------------------------------------
+
+
+def test_an_archived_tenant_comes_back_with_its_data_and_registry_row(project, database, tmp_path):
+    migrate_master(project)
+    tenant = provision_tenant(project, "org_archived1").tenant
+    query(database, f"INSERT INTO {tenant.schema}.org_settings (key, value) VALUES ('a.b', '7')")
+    archive = tmp_path / "org_archived1.dump"
+    assert deprovision_tenant(project, "org_archived1", yes=True, archive=archive).dropped
+    with pytest.raises(UsageError, match="refusing to overwrite"):
+        deprovision_tenant(project, provision_tenant(project, ORGS[0]).tenant.org_id, yes=True,
+                           archive=archive)  # fmt: skip
+
+    restored = restore_tenant(project, archive)
+
+    assert restored.tenant == tenant.__class__("org_archived1", tenant.schema)
+    assert query(database, f"SELECT value FROM {tenant.schema}.org_settings") == [(7,)]
+    registered = query(database, "SELECT clerk_org_id, status FROM public.tenants ORDER BY id")
+    assert registered == [(ORGS[0], "active"), ("org_archived1", "active")]
+    assert applied_ids(database, tenant.schema) == TENANT_IDS
+    assert verify(project) == []
+    with pytest.raises(SchemaCollision):  # once back, it cannot come back again
+        restore_tenant(project, archive)

@@ -58,7 +58,7 @@ def test_archive_is_a_restorable_dump_of_the_schema(project, database, tenant, t
 
 
 def test_failed_archive_drops_nothing(project, database, tenant, tmp_path):
-    with pytest.raises(TenantsError, match="pg_dump of .* failed, nothing was dropped"):
+    with pytest.raises(TenantsError, match="pg_dump failed, nothing was dropped"):
         deprovision_tenant(
             project, tenant.org_id, yes=True, archive=tmp_path / "no-such-dir" / "x.dump"
         )

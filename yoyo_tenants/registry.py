@@ -8,6 +8,7 @@ stored with it.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -126,6 +127,21 @@ def register_sql(tenant: Tenant) -> list[sql.Composed]:
         ),
         sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(tenant.schema)),
     ]
+
+
+def reregister_sql(schema: str, row: dict, columns: list[str]) -> list[sql.Composed]:
+    """The registry row a tenant had (as JSON keys and values), back in `columns` of the
+    registry; its schema name is the one it is restored into."""
+    values = {**row, "schema_name": schema}
+    names = [name for name in columns if name in values]
+    return [
+        sql.SQL("INSERT INTO public.tenants ({}) SELECT {} FROM json_populate_record(NULL::"
+                "public.tenants, {})").format(
+            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.Literal(json.dumps(values)),
+        )
+    ]  # fmt: skip
 
 
 def unregister_sql(tenant: Tenant) -> list[sql.Composed]:
