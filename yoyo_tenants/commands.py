@@ -34,6 +34,8 @@ PUBLIC = "public"
 OLD_LAYOUT = "keeps yoyo's migration tables, which the next migrate converts to one log"
 
 OnResult = Callable[[SchemaResult], None]
+#: Called once a run has scanned, before any schema is started: (schemas with work, schemas in all).
+OnStart = Callable[[int, int], None]
 #: Makes the plan for one schema (plans remember what they chose: one per schema).
 PlanFor = Callable[[str], Any]
 
@@ -102,12 +104,14 @@ def migrate_tenants(
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
+    on_start: OnStart | None = None,
     **options: Any,
 ) -> RunResult:
     """Apply pending tenant migrations to every registered tenant (or to the one org id given).
 
     Which tenants are behind is read for all of them in a few queries; only those are connected
-    to, over at most `jobs` worker connections (plus this one). `options` are RunOptions fields.
+    to, over at most `jobs` worker connections (plus this one). `on_start` is told how many that
+    is before the first starts, `on_result` of each as it ends. `options` are RunOptions fields.
     """
     migrations = load_migrations(settings.tenant_dir)
     opts = run_options(settings, **options)
@@ -123,6 +127,7 @@ def migrate_tenants(
         fail_fast,
         dry_run,
         on_result,
+        on_start,
         index=migrations,
     )
 
@@ -138,6 +143,7 @@ def rollback_tenants(
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
+    on_start: OnStart | None = None,
     **options: Any,
 ) -> RunResult:
     """Undo the last deploy: in every tenant, what the most recent `migrate-tenants` run applied
@@ -150,7 +156,16 @@ def rollback_tenants(
     plans = _rolling_back(migrations, target, "migrate-tenants")
     tenants = _tenants(settings, tenant, jobs)
     return _run(
-        settings, "rollback-tenants", tenants, plans, opts, jobs, fail_fast, dry_run, on_result
+        settings,
+        "rollback-tenants",
+        tenants,
+        plans,
+        opts,
+        jobs,
+        fail_fast,
+        dry_run,
+        on_result,
+        on_start,
     )
 
 
@@ -166,7 +181,12 @@ def _rolling_back(
     migrations: MigrationList, target: RollbackTarget, deploys: str, protect=None
 ) -> Plans:
     """Plans undoing `target`, or with no target given, the last run of `deploys` that applied
-    anything in these schemas (logs from before runs: each schema's last batch)."""
+    anything in these schemas (logs from before runs: each schema's last batch).
+
+    A `to` that names no migration file is refused here, once, before any schema is read: in
+    each schema it could only fail as "not applied"."""
+    if target.to is not None and target.to not in {m.id for m in migrations}:
+        raise UsageError(f"--to {target.to}: no migration file has that id")
 
     def plans(states: dict[str, SchemaState], cursor) -> PlanFor:
         chosen = target
@@ -229,6 +249,7 @@ def _run(
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
+    on_start: OnStart | None = None,
     index: MigrationList | None = None,
 ) -> RunResult:
     """Scan the schemas' logs (judging from the heads index against `index`, the migrations
@@ -266,6 +287,9 @@ def _run(
             options = replace(options, run=runs.start(cursor, command))
     finally:
         connection.close()
+
+    if on_start:
+        on_start(len(work), len(tenants))
 
     def action(connection, result: SchemaResult) -> SchemaResult:
         known, prelude = starting_point(states[result.schema], result.schema)
@@ -352,6 +376,7 @@ class Standing(str, Enum):
     NEVER_MIGRATED = "never migrated"
     OLD_LAYOUT = "old layout"
     SCHEMA_MISSING = "schema missing"
+    LOG_UNREADABLE = "log unreadable"
 
 
 @dataclass
@@ -364,6 +389,7 @@ class SchemaStatus:
     unknown: list[str]  # applied, but no such file any more
     changed: list[str] = field(default_factory=list)  # applied, and the file changed since
     old_layout: bool = False  # keeps yoyo's tables: the next migrate converts them
+    unreadable: str | None = None  # why its log could not be read
 
     @property
     def drift(self) -> list[str]:
@@ -375,6 +401,8 @@ class SchemaStatus:
     def standing(self) -> Standing:
         if not self.exists:
             return Standing.SCHEMA_MISSING
+        if self.unreadable:
+            return Standing.LOG_UNREADABLE
         if self.old_layout:
             return Standing.OLD_LAYOUT
         if self.changed or self.unknown:
@@ -440,6 +468,7 @@ def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList
         org_id=org_id,
         exists=state.exists,
         old_layout=state.old_layout,
+        unreadable=state.unreadable,
         applied=[m.id for m in migrations if m.hash in applied],
         pending=[m.id for m in migrations if m.hash not in applied],
         unknown=[row.migration_id for row in state.applied if row.migration_hash not in files],
