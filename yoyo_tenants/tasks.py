@@ -13,18 +13,21 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.console import Console
 
-from . import commands, embedded, provisioning, report
+from . import commands, embedded, provisioning, registry, report
 from .db import error_text
-from .errors import TenantsError, UsageError
+from .errors import TenantsError, UnknownTenant, UsageError
 from .settings import Settings
 
 # markup off: migration SQL is full of [brackets] that rich would take for styles.
+# soft_wrap: lines stay whole (rich would wrap them at COLUMNS, 80 if unset, splitting ids).
 out = Console(highlight=False, soft_wrap=True, markup=False)
 
 HELP = {
     "tenant": "only this tenant's org id",
     "jobs": f"tenants migrated at once (default {commands.DEFAULT_JOBS}; connections: jobs + 1)",
     "fail_fast": "stop starting tenants after the first failure",
+    "quiet": "print only failures and the summary",
+    "verbose": "print a line for every tenant, also those left as they were",
     "lock_wait": "seconds to wait for a schema another run is migrating (default 60)",
     "lock_timeout": "seconds a statement may wait for a table lock (default 5; "
     "env YOYO_TENANTS_LOCK_TIMEOUT)",
@@ -77,7 +80,20 @@ def _number(value, name: str, kind=int):
 def _jobs(value) -> int:
     # The default is None, not DEFAULT_JOBS: invoke would parse an int default itself, and a
     # non-number would end in its traceback instead of our message.
-    return commands.DEFAULT_JOBS if value is None else _number(value, "jobs")
+    jobs = _number(value, "jobs")
+    if jobs is None:
+        return commands.DEFAULT_JOBS
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    return jobs
+
+
+def _detail(quiet: bool, verbose: bool) -> report.Detail:
+    if quiet and verbose:
+        raise UsageError("give one of --quiet and --verbose")
+    if quiet:
+        return report.Detail.QUIET
+    return report.Detail.ALL if verbose else report.Detail.CHANGES
 
 
 def _run_options(lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run):
@@ -91,11 +107,22 @@ def _run_options(lock_wait, lock_timeout, statement_timeout, retries, allow_drif
     }
 
 
-def _finish(run, what: str, json_file: str | None) -> None:
+def _starting(progress, direction: str, jobs: int, detail: report.Detail):
+    """A run's on_start: the header line (unless quiet), and the progress's total."""
+
+    def start(work: int, total: int) -> None:
+        if detail is not report.Detail.QUIET:
+            report.run_header(out, direction, work, total, jobs)
+        progress.start(work, total)
+
+    return start
+
+
+def _finish(run, what: str, json_file: str | None, detail=report.Detail.CHANGES) -> None:
     if run.dry_run:
         report.dry_run(out, run)
     else:
-        report.run_summary(out, run, what)
+        report.run_summary(out, run, what, detail)
     if json_file:
         report.write_json(json_file, report.run_json(run))
     if not run.ok:
@@ -117,23 +144,27 @@ def migrate_master(c, lock_wait=None, lock_timeout=None, statement_timeout=None,
     _finish(commands.migrate_master(_settings(), **options), "public", None)
 
 
-@task(help=_help("tenant", "jobs", "fail_fast", "json", *RUN_FLAGS))
+@task(help=_help("tenant", "jobs", "fail_fast", "quiet", "verbose", "json", *RUN_FLAGS))
 @edge
-def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, json=None,
-                    lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
-                    allow_drift=False, dry_run=False):  # fmt: skip
+def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, quiet=False, verbose=False,
+                    json=None, lock_wait=None, lock_timeout=None, statement_timeout=None,
+                    retries=None, allow_drift=False, dry_run=False):  # fmt: skip
     """Apply pending tenant migrations (migrations/tenant) to every tenant schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    jobs = _jobs(jobs)
-    if not dry_run:
-        out.print(f"migrating tenants with {jobs} jobs", style="dim")
-    with report.progress(out, "tenants") as tick:
+    jobs, detail = _jobs(jobs), _detail(quiet, verbose)
+    with report.progress(out, "tenants") as progress:
         run = commands.migrate_tenants(
-            _settings(), tenant=tenant, jobs=jobs, fail_fast=fail_fast, on_result=tick, **options
+            _settings(),
+            tenant=tenant,
+            jobs=jobs,
+            fail_fast=fail_fast,
+            on_start=_starting(progress, "apply", jobs, detail),
+            on_result=progress,
+            **options,
         )
-    _finish(run, "tenants", json)
+    _finish(run, "tenants", json, detail)
 
 
 @task(help=_help("steps", "to", "run", "yes", *RUN_FLAGS))
@@ -152,30 +183,36 @@ def rollback_master(c, steps=None, to=None, run=None, yes=False, lock_wait=None,
     _finish(result, "public", None)
 
 
-@task(help=_help("tenant", "steps", "to", "run", "yes", "jobs", "fail_fast", "json", *RUN_FLAGS))
+@task(
+    help=_help("tenant", "steps", "to", "run", "yes", "jobs", "fail_fast", "quiet", "verbose",
+               "json", *RUN_FLAGS)
+)  # fmt: skip
 @edge
 def rollback_tenants(c, tenant=None, steps=None, to=None, run=None, yes=False, jobs=None,
-                     fail_fast=False, json=None, lock_wait=None, lock_timeout=None,
-                     statement_timeout=None, retries=None, allow_drift=False,
+                     fail_fast=False, quiet=False, verbose=False, json=None, lock_wait=None,
+                     lock_timeout=None, statement_timeout=None, retries=None, allow_drift=False,
                      dry_run=False):  # fmt: skip
     """Undo the last deploy: what the most recent migrate-tenants run applied, in each tenant."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    with report.progress(out, "tenants") as tick:
+    steps, run, jobs = _number(steps, "steps"), _number(run, "run"), _jobs(jobs)
+    detail = _detail(quiet, verbose)
+    with report.progress(out, "tenants") as progress:
         result = commands.rollback_tenants(
             _settings(),
             tenant=tenant,
-            steps=_number(steps, "steps"),
+            steps=steps,
             to=to,
-            run=_number(run, "run"),
+            run=run,
             yes=yes,
-            jobs=_jobs(jobs),
+            jobs=jobs,
             fail_fast=fail_fast,
-            on_result=tick,
+            on_start=_starting(progress, "rollback", jobs, detail),
+            on_result=progress,
             **options,
         )
-    _finish(result, "tenants", json)
+    _finish(result, "tenants", json, detail)
 
 
 @task(
@@ -222,12 +259,27 @@ def make_tenant(c, name, py=False):
         out.print(str(path))
 
 
-@task(help={"all": "list every tenant, not only those behind", "json": HELP["json"]})
+@task(
+    help={
+        "all": "after the summary, list every tenant",
+        "tenant": "after the summary, list this tenant (its org id)",
+        "json": HELP["json"],
+    }
+)
 @edge
-def status(c, all=False, json=None):
-    """Applied and pending migrations of public and of every tenant."""
+def status(c, all=False, tenant=None, json=None):
+    """Applied and pending migrations of public and of every tenant, grouped by where they stand."""
+    if all and tenant is not None:
+        raise UsageError("give one of --all and --tenant")
+    if tenant is not None:
+        registry.check_org_id(tenant)
     result = commands.status(_settings())
-    report.status(out, result, show_all=all)
+    listed = result.tenants if all else None
+    if tenant is not None:
+        listed = [t for t in result.tenants if t.org_id == tenant]
+        if not listed:
+            raise UnknownTenant(f"no tenant is registered for {tenant}")
+    report.status(out, result, listed)
     if json:
         report.write_json(json, report.status_json(result))
 
@@ -240,7 +292,7 @@ def verify(c):
     for problem in problems:
         out.print(problem)
     if problems:
-        raise Exit(f"error: verify found {len(problems)} problems", code=1)
+        raise Exit(f"error: verify found {report.plural(len(problems), 'problem')}", code=1)
     out.print("verify: public and every tenant match the migration files and the registry")
 
 
