@@ -91,7 +91,7 @@ def test_a_tenant_whose_log_cannot_be_read_is_named_and_the_others_go_on(project
     assert f"the log of {damaged} cannot be read" in str(by_schema[damaged].failure)
     assert all(by_schema[s].outcome == Outcome.DONE for s in schemas if s != damaged)
     report = {t.schema: t for t in status(app).tenants}
-    assert report[damaged].state == "unreadable"
+    assert report[damaged].state == "log unreadable"
     assert all(report[s].state == "at head" for s in schemas if s != damaged)
     problems = verify(app)
     assert len([p for p in problems if damaged in p]) == 1, problems

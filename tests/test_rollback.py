@@ -275,16 +275,30 @@ def test_rollback_to_the_newest_migration_changes_nothing(two_batches):
 def test_rollback_to_a_migration_that_is_not_applied_fails_and_changes_nothing(two_batches):
     db = two_batches.connection
     schema = schema_for(ORG_A)
+    add_third_batch(two_batches.tenant_dir)  # a migration file, not applied anywhere
     before = log_rows(db, schema)
 
-    run = rollback_tenants(two_batches, to="20990101000000_nope", jobs=1)
+    run = rollback_tenants(two_batches, to=PRONOUNS, jobs=1)
 
     assert applied_ids(db, schema) == [*TENANT_IDS, *SECOND_BATCH]
     assert log_rows(db, schema) == before
     assert not run.ok
     assert run.schemas[0].migrations == []
-    assert "20990101000000_nope" in str(run.schemas[0].failure)
+    assert PRONOUNS in str(run.schemas[0].failure)
     assert "not applied" in str(run.schemas[0].failure)
+
+
+def test_rollback_to_an_id_that_is_no_migration_file_is_one_usage_error(two_batches):
+    db = two_batches.connection
+    before = log_rows(db, schema_for(ORG_A))
+
+    with pytest.raises(UsageError) as info:
+        rollback_tenants(two_batches, to="20990101000000_nope", jobs=1)
+
+    assert "20990101000000_nope" in str(info.value) and info.value.exit_code == 2
+    assert log_rows(db, schema_for(ORG_A)) == before
+    with pytest.raises(UsageError):
+        rollback_master(two_batches, to="20990101000000_nope")
 
 
 @pytest.mark.parametrize(

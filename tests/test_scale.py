@@ -560,7 +560,7 @@ def test_plain_output_when_stdout_is_not_a_terminal_has_per_tenant_lines_and_the
 
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "migrating tenants with 2 jobs"
+    assert lines[0] == "migrating 3 of 3 tenants with 2 jobs"
     assert "\x1b[" not in done.stdout  # no colours, no progress bar redraws
     for tenant in tenants:
         assert f"{tenant.org_id} ({tenant.schema}): applied 2: {', '.join(ids)}" in lines
@@ -580,12 +580,15 @@ def test_plain_progress_prints_a_count_line_per_interval_then_the_summary(scale,
     assert not console.is_terminal
     monkeypatch.setattr(report, "PLAIN_PROGRESS_EVERY", 0.0)
 
-    with report.progress(console, "tenants") as tick:
-        run = scale.migrate(jobs=2, on_result=tick)
+    with report.progress(console, "tenants") as progress:
+        run = scale.migrate(jobs=2, on_start=progress.start, on_result=progress)
     report.run_summary(console, run, "tenants")
 
     lines = console.file.getvalue().splitlines()
-    assert lines[:5] == [f"tenants: {n} schemas done" for n in range(1, 6)]
+    assert [line.split(",")[0] for line in lines[:5]] == [
+        f"tenants: {n} of 5 done" for n in range(1, 6)
+    ]
+    assert all(line.endswith(" left") for line in lines[:4])
     assert lines[-1].startswith("tenants: 5 migrated, 0 up to date, 0 failed in ")
     assert "\x1b[" not in console.file.getvalue()
 

@@ -41,6 +41,8 @@ PUBLIC = "public"
 OLD_LAYOUT = "keeps yoyo's migration tables, which the next migrate converts to one log"
 
 OnResult = Callable[[SchemaResult], None]
+#: Called once a run has scanned, before any schema is started: (schemas with work, schemas in all).
+OnStart = Callable[[int, int], None]
 #: Makes the plan for one schema (plans remember what they chose: one per schema).
 PlanFor = Callable[[str], Any]
 
@@ -109,12 +111,14 @@ def migrate_tenants(
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
+    on_start: OnStart | None = None,
     **options: Any,
 ) -> RunResult:
     """Apply pending tenant migrations to every registered tenant (or to the one org id given).
 
     Which tenants are behind is read for all of them in a few queries; only those are connected
-    to, over at most `jobs` worker connections (plus this one). `options` are RunOptions fields.
+    to, over at most `jobs` worker connections (plus this one). `on_start` is told how many that
+    is before the first starts, `on_result` of each as it ends. `options` are RunOptions fields.
     """
     migrations = load_migrations(settings.tenant_dir)
     opts = run_options(settings, **options)
@@ -130,6 +134,7 @@ def migrate_tenants(
         fail_fast,
         dry_run,
         on_result,
+        on_start,
         index=migrations,
     )
 
@@ -145,6 +150,7 @@ def rollback_tenants(
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
+    on_start: OnStart | None = None,
     **options: Any,
 ) -> RunResult:
     """Undo the last deploy: in every tenant, what the most recent `migrate-tenants` run applied
@@ -157,7 +163,16 @@ def rollback_tenants(
     plans = _rolling_back(migrations, target, "migrate-tenants")
     tenants = _tenants(settings, tenant, jobs)
     return _run(
-        settings, "rollback-tenants", tenants, plans, opts, jobs, fail_fast, dry_run, on_result
+        settings,
+        "rollback-tenants",
+        tenants,
+        plans,
+        opts,
+        jobs,
+        fail_fast,
+        dry_run,
+        on_result,
+        on_start,
     )
 
 
@@ -173,7 +188,12 @@ def _rolling_back(
     migrations: MigrationList, target: RollbackTarget, deploys: str, protect=None
 ) -> Plans:
     """Plans undoing `target`, or with no target given, the last run of `deploys` that applied
-    anything in these schemas (logs from before runs: each schema's last batch)."""
+    anything in these schemas (logs from before runs: each schema's last batch).
+
+    A `to` that names no migration file is refused here, once, before any schema is read: in
+    each schema it could only fail as "not applied"."""
+    if target.to is not None and target.to not in {m.id for m in migrations}:
+        raise UsageError(f"--to {target.to}: no migration file has that id")
 
     def plans(states: dict[str, SchemaState], cursor) -> PlanFor:
         chosen = target
@@ -236,6 +256,7 @@ def _run(
     fail_fast: bool = False,
     dry_run: bool = False,
     on_result: OnResult | None = None,
+    on_start: OnStart | None = None,
     index: MigrationList | None = None,
 ) -> RunResult:
     """Scan the schemas' logs (judging from the heads index against `index`, the migrations
@@ -273,6 +294,9 @@ def _run(
             options = replace(options, run=runs.start(cursor, command))
     finally:
         connection.close()
+
+    if on_start:
+        on_start(len(work), len(tenants))
 
     def action(connection, result: SchemaResult) -> SchemaResult:
         known, prelude = starting_point(states[result.schema], result.schema)
@@ -359,7 +383,7 @@ class Standing(str, Enum):
     NEVER_MIGRATED = "never migrated"
     OLD_LAYOUT = "old layout"
     SCHEMA_MISSING = "schema missing"
-    UNREADABLE = "unreadable"  # its log could not be read (damaged, or a privilege missing)
+    UNREADABLE = "log unreadable"  # damaged, or a privilege missing
 
 
 @dataclass

@@ -1,30 +1,93 @@
-"""How results look: rich tables and progress on a terminal, plain lines elsewhere, or JSON."""
+"""How results look: rich tables and progress on a terminal, plain lines elsewhere, or JSON.
+
+Output is made for thousands of tenants: a run prints a line for each tenant it changed or that
+failed, never for one it left as it was (unless asked, Detail.ALL), and `status` groups tenants
+before it lists any. Off a terminal nothing is wrapped or cut: every line stays whole, however
+narrow COLUMNS says the screen is.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from .commands import Standing, Status
+from .commands import SchemaStatus, Standing, Status
 from .engine import Outcome, SchemaResult
 from .provisioning import Deprovisioned, Provisioned
 from .runner import RunResult
 
 #: Seconds between progress lines when stdout is not a terminal.
 PLAIN_PROGRESS_EVERY = 5.0
+#: Org ids (or migration ids) named in a line that stands for many.
+FEW = 3
+#: Ways of being behind listed by `status` before the rest are counted in one line.
+BEHIND_GROUPS = 5
 
 VERB = {"apply": "applied", "rollback": "rolled back"}
+#: How `status` names a group of tenants, where the standing's own word does not read right.
+GROUP = {Standing.DRIFT: "with drift", Standing.OLD_LAYOUT: "in the old layout"}
+DOING = {"apply": "migrating", "rollback": "rolling back"}
 
 
-def run_summary(console: Console, run: RunResult, what: str) -> None:
-    """Per-schema lines for what changed, then a one-line summary and any failures."""
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """A count and its noun in the number the count asks for: `1 job`, `2 jobs`."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def few(items: Sequence[str], shown: int = FEW) -> str:
+    """The first `shown` of many names, and how many more there are: `a, b, c and 7 more`."""
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+class Detail(Enum):
+    """Which schemas a run's report gives a line of their own (the summary is always there)."""
+
+    QUIET = "quiet"  # those that failed or were skipped
+    CHANGES = "changes"  # also those the run changed
+    ALL = "all"  # every schema: also those left as they were, or not started
+
+    @property
+    def outcomes(self) -> set[Outcome]:
+        failed = {Outcome.FAILED, Outcome.SKIPPED}
+        if self is Detail.QUIET:
+            return failed
+        if self is Detail.CHANGES:
+            return failed | {Outcome.DONE}
+        return set(Outcome)
+
+
+# -- runs ----------------------------------------------------------------------------------------
+
+
+def run_header(console: Console, direction: str, work: int, total: int, jobs: int) -> None:
+    """The line a tenant run starts with, once it knows how many tenants it has work for."""
+    console.print(
+        f"{DOING[direction]} {work} of {plural(total, 'tenant')} with {plural(jobs, 'job')}",
+        style="dim",
+    )
+
+
+def run_summary(
+    console: Console, run: RunResult, what: str, detail: Detail = Detail.CHANGES
+) -> None:
+    """A line for each schema `detail` asks for (those done or left as they were first, then
+    those not done), then the one-line summary."""
     verb = VERB[run.direction]
     if what == "public":
         public = run.schemas[0]
@@ -34,14 +97,13 @@ def run_summary(console: Console, run: RunResult, what: str) -> None:
             console.print(
                 "public: nothing to " + ("apply" if run.direction == "apply" else "roll back")
             )
-        _failures(console, run)
+        _failures(console, run, set(Outcome))
         return
+    shown = detail.outcomes
     for result in run.schemas:
-        if result.migrations:
-            name = _name(result)
-            console.print(
-                f"{name}: {verb} {len(result.migrations)}: {', '.join(result.migrations)}"
-            )
+        if result.outcome in shown and result.outcome in (Outcome.DONE, Outcome.UP_TO_DATE):
+            console.print(_done(result, run.direction))
+    _failures(console, run, shown)
     applying = run.direction == "apply"
     parts = [
         f"{run.count(Outcome.DONE)} {'migrated' if applying else 'rolled back'}",
@@ -56,13 +118,20 @@ def run_summary(console: Console, run: RunResult, what: str) -> None:
     console.print(f"{what}: {', '.join(parts)} in {run.duration:.2f}s{ran}")
     if run.interrupted:
         console.print("interrupted: no new schema was started after the signal")
-    _failures(console, run)
 
 
-def _failures(console: Console, run: RunResult) -> None:
+def _done(result: SchemaResult, direction: str) -> str:
+    if result.migrations:
+        migrations = ", ".join(result.migrations)
+        return f"{_name(result)}: {VERB[direction]} {len(result.migrations)}: {migrations}"
+    return f"{_name(result)}: " + ("up to date" if direction == "apply" else "nothing to roll back")
+
+
+def _failures(console: Console, run: RunResult, shown: set[Outcome]) -> None:
     # Plain lines, not a table: ids and errors must survive narrow terminals and CI logs whole.
     for r in run.failed:
-        console.print(failure(r))
+        if r.outcome in shown:
+            console.print(failure(r))
 
 
 def failure(r: SchemaResult) -> str:
@@ -76,7 +145,7 @@ def run_error(run: RunResult) -> str:
     if len(run.failed) == 1:
         return f"error: {failure(run.failed[0])}"
     stopped = " (interrupted)" if run.interrupted else ""
-    return f"error: {len(run.failed)} of {len(run.schemas)} schemas not done{stopped}"
+    return f"error: {len(run.failed)} of {plural(len(run.schemas), 'schema')} not done{stopped}"
 
 
 def run_json(run: RunResult) -> dict:
@@ -110,35 +179,72 @@ def write_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
-@contextmanager
-def progress(console: Console, label: str) -> Iterator[Callable[[SchemaResult], None]]:
-    """A callback for each finished schema: a bar on a terminal, a line every few seconds if not.
+class _Bar:
+    """Progress on a terminal: a bar, done of total, and the time left."""
 
-    The total is unknown until the run has scanned its tenants, so the bar counts up.
-    """
-    if console.is_terminal:
-        bar = Progress(
+    def __init__(self, console: Console, label: str):
+        self.bar = Progress(
             TextColumn(label),
             BarColumn(),
             MofNCompleteColumn(),
-            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("left"),
             console=console,
             transient=True,
         )
-        task = bar.add_task(label, total=None)
-        with bar:
-            yield lambda result: bar.advance(task)
+        self.task = self.bar.add_task(label, total=None)
+
+    def start(self, work: int, total: int) -> None:
+        self.bar.update(self.task, total=work)
+
+    def __call__(self, result: SchemaResult) -> None:
+        self.bar.advance(self.task)
+
+
+class _Lines:
+    """Progress off a terminal: a line every PLAIN_PROGRESS_EVERY seconds, never a redraw."""
+
+    def __init__(self, console: Console, label: str):
+        self.console, self.label = console, label
+        self.work: int | None = None
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self.lock = threading.Lock()  # schemas end on the run's worker threads
+
+    def start(self, work: int, total: int) -> None:
+        self.work, self.started = work, time.monotonic()
+
+    def __call__(self, result: SchemaResult) -> None:
+        with self.lock:
+            self.done += 1
+            now = time.monotonic()
+            if now - self.last < PLAIN_PROGRESS_EVERY:
+                return
+            self.last = now
+            if self.work is None:
+                self.console.print(f"{self.label}: {self.done} done")
+                return
+            left = (now - self.started) / self.done * (self.work - self.done)
+            self.console.print(
+                f"{self.label}: {self.done} of {self.work} done, about {_seconds(left)} left"
+            )
+
+
+@contextmanager
+def progress(console: Console, label: str) -> Iterator[_Bar | _Lines]:
+    """Progress of a run: pass it as the run's `on_start` (which gives it the total once the run
+    has scanned) and its `on_result` (called as each schema ends)."""
+    if not console.is_terminal:
+        yield _Lines(console, label)
         return
-    count, last = 0, time.monotonic()
+    shown = _Bar(console, label)
+    with shown.bar:
+        yield shown
 
-    def tick(result: SchemaResult) -> None:
-        nonlocal count, last
-        count += 1
-        if time.monotonic() - last >= PLAIN_PROGRESS_EVERY:
-            last = time.monotonic()
-            console.print(f"{label}: {count} schemas done")
 
-    yield tick
+def _seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def provisioned(console: Console, result: Provisioned) -> None:
@@ -182,11 +288,15 @@ def dry_run(console: Console, run: RunResult) -> None:
                 console.print(f"   {line}")
     busy = sum(1 for r in run.schemas if r.migrations)
     console.print(
-        f"dry run: {busy} of {len(run.schemas)} schemas would change; nothing was changed"
+        f"dry run: {busy} of {plural(len(run.schemas), 'schema')} would change; nothing was changed"
     )
 
 
-def status(console: Console, report: Status, show_all: bool) -> None:
+# -- status --------------------------------------------------------------------------------------
+
+
+def status(console: Console, report: Status, listed: Sequence[SchemaStatus] | None = None) -> None:
+    """Public's line, the tenants grouped by where they stand, then those `listed`, one each."""
     m = report.master
     console.print(
         f"public: {m.state}, {len(m.applied)} applied, {len(m.pending)} pending"
@@ -194,21 +304,73 @@ def status(console: Console, report: Status, show_all: bool) -> None:
     )
     for problem in m.drift:
         console.print(f"public: drift: {problem}")
-    states: dict[str, int] = {}
-    for t in report.tenants:
-        key = t.standing.value
-        states[key] = states.get(key, 0) + 1
-    summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none registered"
-    console.print(f"tenants: {len(report.tenants)} ({summary}); head {report.tenant_head}")
-    shown = [t for t in report.tenants if show_all or t.standing != Standing.AT_HEAD]
-    if shown:
-        table = Table("org id", "schema", "state", "applied", "pending")
-        for column in table.columns:
-            column.overflow = "fold"  # ids are useless cut short
-        for t in shown:
-            pending = ", ".join(t.pending + t.drift)
-            table.add_row(t.org_id, t.schema, t.state, str(len(t.applied)), pending)
-        console.print(table)
+    for line in status_groups(report):
+        console.print(line)
+    if listed is None:
+        if any(t.standing != Standing.AT_HEAD for t in report.tenants):
+            console.print("(status --all lists every tenant, status --tenant ORG one)")
+    elif console.is_terminal:
+        console.print(_status_table(listed))
+    else:
+        for t in listed:
+            console.print(_status_line(t))
+
+
+def status_groups(report: Status) -> list[str]:
+    """The tenants in a few lines: how many stand where, and the first few org ids of each."""
+    tenants = report.tenants
+    if not tenants:
+        return ["tenants: none registered"]
+    lines = [f"tenants: {len(tenants)} registered; head {report.tenant_head}"]
+    by_standing: dict[Standing, list[SchemaStatus]] = {}
+    for t in tenants:
+        by_standing.setdefault(t.standing, []).append(t)
+    for standing in Standing:
+        group = by_standing.get(standing, [])
+        if standing == Standing.BEHIND and group:
+            lines += _behind(group)
+        elif group:
+            name = GROUP.get(standing, standing.value)
+            lines.append(f"  {len(group)} {name}: {few([t.org_id for t in group])}")
+    return lines
+
+
+def _behind(group: list[SchemaStatus]) -> list[str]:
+    """Tenants behind, grouped by what they lack, the largest groups first."""
+    lacking: dict[tuple[str, ...], list[str]] = {}
+    for t in group:
+        lacking.setdefault(tuple(t.pending), []).append(t.org_id)
+    ordered = sorted(lacking.items(), key=lambda item: -len(item[1]))
+    lines = [
+        f"  {len(orgs)} behind by {len(pending)} ({few(pending)}): {few(orgs)}"
+        for pending, orgs in ordered[:BEHIND_GROUPS]
+    ]
+    rest = sum(len(orgs) for _, orgs in ordered[BEHIND_GROUPS:])
+    if rest:
+        ways = plural(len(ordered) - BEHIND_GROUPS, "other way", "other ways")
+        lines.append(f"  {rest} behind in {ways}")
+    return lines
+
+
+def _status_line(t: SchemaStatus) -> str:
+    parts = [t.state, f"{len(t.applied)} applied"]
+    if t.pending:
+        parts.append(f"pending {', '.join(t.pending)}")
+    parts += [f"drift: {problem}" for problem in t.drift]
+    if t.unreadable:
+        parts.append(t.unreadable)
+    return f"{t.org_id} ({t.schema}): {'; '.join(parts)}"
+
+
+def _status_table(listed: Sequence[SchemaStatus]) -> Table:
+    table = Table("org id", "schema", "state", "applied", "pending")
+    for column in table.columns[:3]:
+        column.no_wrap = True  # an id cut in two is no id: the pending list gives way
+    table.columns[3].justify = "right"
+    for t in listed:
+        pending = ", ".join(t.pending + t.drift + ([t.unreadable] if t.unreadable else []))
+        table.add_row(t.org_id, t.schema, t.state, str(len(t.applied)), pending)
+    return table
 
 
 def status_json(report: Status) -> dict:

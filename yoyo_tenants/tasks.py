@@ -7,24 +7,30 @@ one line on stderr and an exit code.
 from __future__ import annotations
 
 import functools
+import math
 
 import psycopg2
-from invoke import Collection, task
-from invoke.exceptions import Exit
+from invoke import Collection, Task, task
+from invoke.exceptions import Exit, ParseError
+from invoke.parser import Argument
+from invoke.parser.parser import ParseMachine
 from rich.console import Console
 
-from . import commands, embedded, provisioning, report
+from . import commands, embedded, provisioning, registry, report
 from .db import error_text
-from .errors import TenantsError, UsageError
+from .errors import TenantsError, UnknownTenant, UsageError
 from .settings import Settings
 
 # markup off: migration SQL is full of [brackets] that rich would take for styles.
+# soft_wrap: lines stay whole (rich would wrap them at COLUMNS, 80 if unset, splitting ids).
 out = Console(highlight=False, soft_wrap=True, markup=False)
 
 HELP = {
     "tenant": "only this tenant's org id",
     "jobs": f"tenants migrated at once (default {commands.DEFAULT_JOBS}; connections: jobs + 1)",
     "fail_fast": "stop starting tenants after the first failure",
+    "quiet": "print only failures and the summary",
+    "verbose": "print a line for every tenant, also those left as they were",
     "lock_wait": "seconds to wait for a schema another run is migrating (default 60)",
     "lock_timeout": "seconds a statement may wait for a table lock (default 5; "
     "env YOYO_TENANTS_LOCK_TIMEOUT)",
@@ -41,6 +47,96 @@ HELP = {
     "yes": "also undo a schema's base tables (its first batch) or the tenant registry",
 }
 RUN_FLAGS = ("lock_wait", "lock_timeout", "statement_timeout", "retries", "allow_drift", "dry_run")
+
+#: The short flags, by option: one letter means one option in every task that has it, and no
+#: other option has one (invoke would give each task its own letters, first come first served).
+#: None is one of invoke's own (-c -d -e -f -h -l -p -r -w), which a task's flag would hide.
+SHORT = {
+    "tenant": "t",
+    "jobs": "j",
+    "quiet": "q",
+    "verbose": "v",
+    "fail_fast": "x",
+    "dry_run": "n",
+    "yes": "y",
+    "all": "a",
+}
+#: The options that take a number, and which kind (seconds may have decimals).
+NUMBERS = {
+    "jobs": int,
+    "steps": int,
+    "run": int,
+    "retries": int,
+    "lock_wait": float,
+    "lock_timeout": float,
+    "statement_timeout": float,
+}
+
+
+class _Option(Argument):
+    """An option as invoke's parser names it in an error: by its flag (`--jobs`), not a repr."""
+
+    def __repr__(self) -> str:
+        return f"--{self.names[0]}"
+
+
+class _Number(_Option):
+    """A number option: INT in --help, and its text passed to the task as typed. invoke would
+    convert it while parsing and end a mistyped one in a traceback; the task checks it instead
+    (see _number). Seconds show as INT too, the only number invoke's help knows."""
+
+    def set_value(self, value, cast: bool = True) -> None:
+        super().set_value(value, cast=False)
+
+
+class Command(Task):
+    """invoke's Task with this project's flags: SHORT's short flags only, NUMBERS as numbers."""
+
+    def __init__(self, body, **kwargs):
+        super().__init__(body, auto_shortflags=False, **kwargs)
+
+    def get_arguments(self, ignore_unknown_help=None) -> list[Argument]:
+        return [_option(arg) for arg in super().get_arguments(ignore_unknown_help)]
+
+
+def _option(arg: Argument) -> _Option:
+    number = arg.name in NUMBERS
+    return (_Number if number else _Option)(
+        names=(*arg.names, SHORT[arg.name]) if arg.name in SHORT else arg.names,
+        kind=int if number else arg.kind,
+        default=arg.default,
+        help=arg.help,
+        positional=arg.positional,
+        optional=arg.optional,
+        incrementable=arg.incrementable,
+        attr_name=arg.attr_name,
+    )
+
+
+#: @task for this project's tasks (see Command).
+command = functools.partial(task, klass=Command)
+
+
+class BadCommandLine(ParseError, Exit):
+    """A command line invoke's parser cannot read: a missing argument, an unknown flag.
+
+    invoke's Program prints a ParseError as it is and exits 1, and has no hook for it; raised
+    as one that is also an Exit, it is printed (once, as a ParseError) as one `error:` line and
+    exits 2, like every other bad input. Still a ParseError for invoke's tab completion, which
+    catches those."""
+
+    def __init__(self, message: str, context=None):
+        Exit.__init__(self, code=2)  # no message of its own: Program prints the ParseError
+        Exception.__init__(self, f"error: {message}")
+        self.context = context
+
+
+def _bad_command_line(machine: ParseMachine, message: str):
+    raise BadCommandLine(message, machine.context)
+
+
+# Where invoke's parser reports every error in a task's command line (parser.py: error()).
+ParseMachine.error = _bad_command_line
 
 
 def edge(function):
@@ -62,40 +158,64 @@ def _settings() -> Settings:
     return Settings.load(".")
 
 
-def _number(value, name: str, kind=int):
+def _number(value, name: str):
+    """A number option's value (typed as text; see _Number), or None if it was not given."""
     if value is None:
         return None
+    kind = NUMBERS[name]
     try:
         number = kind(value)
     except ValueError:
         number = -1
-    if number < 0:
+    if number < 0 or not math.isfinite(number):
         raise UsageError(f"--{name.replace('_', '-')} must be a number, not {value!r}")
     return number
 
 
 def _jobs(value) -> int:
-    # The default is None, not DEFAULT_JOBS: invoke would parse an int default itself, and a
-    # non-number would end in its traceback instead of our message.
-    return commands.DEFAULT_JOBS if value is None else _number(value, "jobs")
+    jobs = _number(value, "jobs")
+    if jobs is None:
+        return commands.DEFAULT_JOBS
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    return jobs
+
+
+def _detail(quiet: bool, verbose: bool) -> report.Detail:
+    if quiet and verbose:
+        raise UsageError("give one of --quiet and --verbose")
+    if quiet:
+        return report.Detail.QUIET
+    return report.Detail.ALL if verbose else report.Detail.CHANGES
 
 
 def _run_options(lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run):
     return {
-        "lock_wait": _number(lock_wait, "lock_wait", float),
-        "lock_timeout": _number(lock_timeout, "lock_timeout", float),
-        "statement_timeout": _number(statement_timeout, "statement_timeout", float),
+        "lock_wait": _number(lock_wait, "lock_wait"),
+        "lock_timeout": _number(lock_timeout, "lock_timeout"),
+        "statement_timeout": _number(statement_timeout, "statement_timeout"),
         "retries": _number(retries, "retries"),
         "allow_drift": allow_drift,
         "dry_run": dry_run,
     }
 
 
-def _finish(run, what: str, json_file: str | None) -> None:
+def _starting(progress, direction: str, jobs: int, detail: report.Detail):
+    """A run's on_start: the header line (unless quiet), and the progress's total."""
+
+    def start(work: int, total: int) -> None:
+        if detail is not report.Detail.QUIET:
+            report.run_header(out, direction, work, total, jobs)
+        progress.start(work, total)
+
+    return start
+
+
+def _finish(run, what: str, json_file: str | None, detail=report.Detail.CHANGES) -> None:
     if run.dry_run:
         report.dry_run(out, run)
     else:
-        report.run_summary(out, run, what)
+        report.run_summary(out, run, what, detail)
     if json_file:
         report.write_json(json_file, report.run_json(run))
     if not run.ok:
@@ -106,7 +226,7 @@ def _help(*names: str) -> dict[str, str]:
     return {name: HELP[name] for name in names}
 
 
-@task(help=_help(*RUN_FLAGS))
+@command(help=_help(*RUN_FLAGS))
 @edge
 def migrate_master(c, lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
                    allow_drift=False, dry_run=False):  # fmt: skip
@@ -117,26 +237,30 @@ def migrate_master(c, lock_wait=None, lock_timeout=None, statement_timeout=None,
     _finish(commands.migrate_master(_settings(), **options), "public", None)
 
 
-@task(help=_help("tenant", "jobs", "fail_fast", "json", *RUN_FLAGS))
+@command(help=_help("tenant", "jobs", "fail_fast", "quiet", "verbose", "json", *RUN_FLAGS))
 @edge
-def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, json=None,
-                    lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
-                    allow_drift=False, dry_run=False):  # fmt: skip
+def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, quiet=False, verbose=False,
+                    json=None, lock_wait=None, lock_timeout=None, statement_timeout=None,
+                    retries=None, allow_drift=False, dry_run=False):  # fmt: skip
     """Apply pending tenant migrations (migrations/tenant) to every tenant schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    jobs = _jobs(jobs)
-    if not dry_run:
-        out.print(f"migrating tenants with {jobs} jobs", style="dim")
-    with report.progress(out, "tenants") as tick:
+    jobs, detail = _jobs(jobs), _detail(quiet, verbose)
+    with report.progress(out, "tenants") as progress:
         run = commands.migrate_tenants(
-            _settings(), tenant=tenant, jobs=jobs, fail_fast=fail_fast, on_result=tick, **options
+            _settings(),
+            tenant=tenant,
+            jobs=jobs,
+            fail_fast=fail_fast,
+            on_start=_starting(progress, "apply", jobs, detail),
+            on_result=progress,
+            **options,
         )
-    _finish(run, "tenants", json)
+    _finish(run, "tenants", json, detail)
 
 
-@task(help=_help("steps", "to", "run", "yes", *RUN_FLAGS))
+@command(help=_help("steps", "to", "run", "yes", *RUN_FLAGS))
 @edge
 def rollback_master(c, steps=None, to=None, run=None, yes=False, lock_wait=None,
                     lock_timeout=None, statement_timeout=None, retries=None, allow_drift=False,
@@ -152,33 +276,39 @@ def rollback_master(c, steps=None, to=None, run=None, yes=False, lock_wait=None,
     _finish(result, "public", None)
 
 
-@task(help=_help("tenant", "steps", "to", "run", "yes", "jobs", "fail_fast", "json", *RUN_FLAGS))
+@command(
+    help=_help("tenant", "steps", "to", "run", "yes", "jobs", "fail_fast", "quiet", "verbose",
+               "json", *RUN_FLAGS)
+)  # fmt: skip
 @edge
 def rollback_tenants(c, tenant=None, steps=None, to=None, run=None, yes=False, jobs=None,
-                     fail_fast=False, json=None, lock_wait=None, lock_timeout=None,
-                     statement_timeout=None, retries=None, allow_drift=False,
+                     fail_fast=False, quiet=False, verbose=False, json=None, lock_wait=None,
+                     lock_timeout=None, statement_timeout=None, retries=None, allow_drift=False,
                      dry_run=False):  # fmt: skip
     """Undo the last deploy: what the most recent migrate-tenants run applied, in each tenant."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    with report.progress(out, "tenants") as tick:
+    steps, run, jobs = _number(steps, "steps"), _number(run, "run"), _jobs(jobs)
+    detail = _detail(quiet, verbose)
+    with report.progress(out, "tenants") as progress:
         result = commands.rollback_tenants(
             _settings(),
             tenant=tenant,
-            steps=_number(steps, "steps"),
+            steps=steps,
             to=to,
-            run=_number(run, "run"),
+            run=run,
             yes=yes,
-            jobs=_jobs(jobs),
+            jobs=jobs,
             fail_fast=fail_fast,
-            on_result=tick,
+            on_start=_starting(progress, "rollback", jobs, detail),
+            on_result=progress,
             **options,
         )
-    _finish(result, "tenants", json)
+    _finish(result, "tenants", json, detail)
 
 
-@task(
+@command(
     help={
         "org_id": "the organization's Clerk id, e.g. org_2abc123def456",
         "dry_run": HELP["dry_run"],
@@ -190,7 +320,7 @@ def provision_tenant(c, org_id, dry_run=False):
     report.provisioned(out, provisioning.provision_tenant(_settings(), org_id, dry_run=dry_run))
 
 
-@task(
+@command(
     help={
         "org_id": "the organization's Clerk id",
         "yes": "really drop the schema and its data (without it, only list what would go)",
@@ -206,7 +336,7 @@ def deprovision_tenant(c, org_id, yes=False, archive=None):
         raise Exit(code=1)
 
 
-@task(help={"name": "what the migration does, e.g. add_column", "py": "a Python migration"})
+@command(help={"name": "what the migration does, e.g. add_column", "py": "a Python migration"})
 @edge
 def make_master(c, name, py=False):
     """Create a new master migration in migrations/master and print its path."""
@@ -214,7 +344,7 @@ def make_master(c, name, py=False):
         out.print(str(path))
 
 
-@task(help={"name": "what the migration does, e.g. add_column", "py": "a Python migration"})
+@command(help={"name": "what the migration does, e.g. add_column", "py": "a Python migration"})
 @edge
 def make_tenant(c, name, py=False):
     """Create a new tenant migration in migrations/tenant and print its path."""
@@ -222,17 +352,32 @@ def make_tenant(c, name, py=False):
         out.print(str(path))
 
 
-@task(help={"all": "list every tenant, not only those behind", "json": HELP["json"]})
+@command(
+    help={
+        "all": "after the summary, list every tenant",
+        "tenant": "after the summary, list this tenant (its org id)",
+        "json": HELP["json"],
+    }
+)
 @edge
-def status(c, all=False, json=None):
-    """Applied and pending migrations of public and of every tenant."""
+def status(c, all=False, tenant=None, json=None):
+    """Applied and pending migrations of public and of every tenant, grouped by where they stand."""
+    if all and tenant is not None:
+        raise UsageError("give one of --all and --tenant")
+    if tenant is not None:
+        registry.check_org_id(tenant)
     result = commands.status(_settings())
-    report.status(out, result, show_all=all)
+    listed = result.tenants if all else None
+    if tenant is not None:
+        listed = [t for t in result.tenants if t.org_id == tenant]
+        if not listed:
+            raise UnknownTenant(f"no tenant is registered for {tenant}")
+    report.status(out, result, listed)
     if json:
         report.write_json(json, report.status_json(result))
 
 
-@task
+@command
 @edge
 def verify(c):
     """Check public and every tenant against the migration files and registry (exit 1 if not)."""
@@ -240,11 +385,11 @@ def verify(c):
     for problem in problems:
         out.print(problem)
     if problems:
-        raise Exit(f"error: verify found {len(problems)} problems", code=1)
+        raise Exit(f"error: verify found {report.plural(len(problems), 'problem')}", code=1)
     out.print("verify: public and every tenant match the migration files and the registry")
 
 
-@task(help={"stop": "stop the embedded server", "reset": "stop it and delete its data"})
+@command(help={"stop": "stop the embedded server", "reset": "stop it and delete its data"})
 @edge
 def db(c, stop=False, reset=False):
     """Show how to reach the embedded database (psql), or stop or reset it."""
