@@ -175,3 +175,51 @@ def test_an_archived_tenant_comes_back_with_its_data_and_registry_row(project, d
     assert verify(project) == []
     with pytest.raises(SchemaCollision):  # once back, it cannot come back again
         restore_tenant(project, archive)
+
+
+# -- on the command line -------------------------------------------------------------------------
+
+
+def cli(project, *args):
+    """`invoke <args>` in the project's folder, on its database."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    shutil.copy(REPO / "tasks.py", project.root / "tasks.py")
+    params = project.connection
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "YOYO_TENANTS_"))}
+    env.pop("DATABASE_URL", None)
+    env.update(DB_HOST=params["host"], DB_PORT=str(params["port"]), DB_USER=params["user"],
+               DB_NAME=params["dbname"], PYTHONPATH=str(REPO))  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=project.root, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_repair_restore_and_a_report_path_on_the_command_line(project, database, fleet, tmp_path):
+    edit(project)
+    shown = cli(project, "repair", "--dry-run")
+    assert shown.returncode == 0, shown.stderr
+    assert f"would accept {TENANT_IDS[1]}" in shown.stdout
+    assert cli(project, "verify").returncode == 1
+
+    done = cli(project, "repair")
+
+    assert done.returncode == 0, done.stderr
+    assert cli(project, "verify").returncode == 0
+
+    archive = tmp_path / "adopt1.dump"
+    gone = cli(project, "deprovision-tenant", ORGS[0], "--yes", "--archive", str(archive))
+    assert gone.returncode == 0, gone.stderr
+    back = cli(project, "restore-tenant", "--archive", str(archive))
+    assert back.returncode == 0, back.stderr
+    assert f"restored {ORGS[0]}" in back.stdout
+    assert cli(project, "verify").returncode == 0
+
+    nowhere = cli(project, "migrate-tenants", "--json", str(tmp_path / "no" / "such" / "x.json"))
+    assert nowhere.returncode == 2
+    assert nowhere.stderr.strip().startswith("error: --json") and "\n" not in nowhere.stderr.strip()
+    assert "migrating" not in nowhere.stdout  # refused before anything ran

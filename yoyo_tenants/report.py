@@ -28,7 +28,7 @@ from rich.table import Table
 
 from .commands import SchemaStatus, Standing, Status
 from .engine import Outcome, SchemaResult
-from .provisioning import Deprovisioned, Provisioned
+from .provisioning import Deprovisioned, Provisioned, Restored
 from .runner import RunResult
 
 #: Seconds between progress lines when stdout is not a terminal.
@@ -64,7 +64,7 @@ class Detail(Enum):
 
     @property
     def outcomes(self) -> set[Outcome]:
-        failed = {Outcome.FAILED, Outcome.SKIPPED}
+        failed = {Outcome.FAILED, Outcome.SKIPPED, Outcome.UNKNOWN}
         if self is Detail.QUIET:
             return failed
         if self is Detail.CHANGES:
@@ -114,6 +114,10 @@ def run_summary(
         parts.append(f"{run.count(Outcome.SKIPPED)} skipped (locked)")
     if run.count(Outcome.NOT_STARTED):
         parts.append(f"{run.count(Outcome.NOT_STARTED)} not started")
+    if run.count(Outcome.UNKNOWN):
+        parts.append(
+            f"{run.count(Outcome.UNKNOWN)} unknown (the server went away as they committed)"
+        )
     ran = f" (run {run.run})" if run.run else ""
     console.print(f"{what}: {', '.join(parts)} in {run.duration:.2f}s{ran}")
     if run.interrupted:
@@ -245,6 +249,25 @@ def progress(console: Console, label: str) -> Iterator[_Bar | _Lines]:
 def _seconds(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def repaired(console: Console, run: RunResult) -> None:
+    """What `repair` accepted (or, in a dry run, would accept), per schema, then a summary."""
+    verb = "would accept" if run.dry_run else "accepted"
+    changed = [r for r in run.schemas if r.migrations]
+    for result in changed:
+        console.print(f"{_name(result)}: {verb} {', '.join(result.migrations)}")
+    for result in run.failed:
+        console.print(failure(result))
+    ran = f" (run {run.run})" if run.run else ""
+    done = "nothing was changed" if run.dry_run else f"{len(changed)} changed{ran}"
+    console.print(f"repair: {plural(len(changed), 'schema')} with edits to accept; {done}")
+
+
+def restored(console: Console, result: Restored) -> None:
+    t = result.tenant
+    tables = ", ".join(result.tables) or "no tables"
+    console.print(f"restored {t.org_id} in schema {t.schema} from {result.archive}: {tables}")
 
 
 def provisioned(console: Console, result: Provisioned) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from pathlib import Path
 
 import psycopg2
 from invoke import Collection, Task, task
@@ -45,8 +47,11 @@ HELP = {
     "to": "roll back every migration applied after this migration id",
     "run": "roll back what this run (its number, printed by migrate) applied",
     "yes": "also undo a schema's base tables (its first batch) or the tenant registry",
+    "repair_invalid_indexes": "drop invalid indexes an interrupted CREATE INDEX CONCURRENTLY "
+    "left behind, before a non-transactional migration builds them again",
 }
 RUN_FLAGS = ("lock_wait", "lock_timeout", "statement_timeout", "retries", "allow_drift", "dry_run")
+APPLY_FLAGS = (*RUN_FLAGS, "repair_invalid_indexes")
 
 #: The short flags, by option: one letter means one option in every task that has it, and no
 #: other option has one (invoke would give each task its own letters, first come first served).
@@ -211,6 +216,17 @@ def _starting(progress, direction: str, jobs: int, detail: report.Detail):
     return start
 
 
+def _writable(path: str | None) -> str | None:
+    """`path`, checked before anything runs: a report the run could not write would be lost."""
+    if path is None:
+        return None
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir() or not os.access(target if target.exists() else folder, os.W_OK):
+        raise UsageError(f"--json {path}: cannot write there")
+    return path
+
+
 def _finish(run, what: str, json_file: str | None, detail=report.Detail.CHANGES) -> None:
     if run.dry_run:
         report.dry_run(out, run)
@@ -226,27 +242,32 @@ def _help(*names: str) -> dict[str, str]:
     return {name: HELP[name] for name in names}
 
 
-@command(help=_help(*RUN_FLAGS))
+@command(help=_help(*APPLY_FLAGS))
 @edge
 def migrate_master(c, lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
-                   allow_drift=False, dry_run=False):  # fmt: skip
+                   allow_drift=False, dry_run=False, repair_invalid_indexes=False):  # fmt: skip
     """Apply pending master migrations (migrations/master) to the public schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    _finish(commands.migrate_master(_settings(), **options), "public", None)
+    run = commands.migrate_master(
+        _settings(), repair_invalid_indexes=repair_invalid_indexes, **options
+    )
+    _finish(run, "public", None)
 
 
-@command(help=_help("tenant", "jobs", "fail_fast", "quiet", "verbose", "json", *RUN_FLAGS))
+@command(help=_help("tenant", "jobs", "fail_fast", "quiet", "verbose", "json", *APPLY_FLAGS))
 @edge
 def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, quiet=False, verbose=False,
                     json=None, lock_wait=None, lock_timeout=None, statement_timeout=None,
-                    retries=None, allow_drift=False, dry_run=False):  # fmt: skip
+                    retries=None, allow_drift=False, dry_run=False,
+                    repair_invalid_indexes=False):  # fmt: skip
     """Apply pending tenant migrations (migrations/tenant) to every tenant schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    jobs, detail = _jobs(jobs), _detail(quiet, verbose)
+    options["repair_invalid_indexes"] = repair_invalid_indexes
+    jobs, detail, json = _jobs(jobs), _detail(quiet, verbose), _writable(json)
     with report.progress(out, "tenants") as progress:
         run = commands.migrate_tenants(
             _settings(),
@@ -290,7 +311,7 @@ def rollback_tenants(c, tenant=None, steps=None, to=None, run=None, yes=False, j
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
     steps, run, jobs = _number(steps, "steps"), _number(run, "run"), _jobs(jobs)
-    detail = _detail(quiet, verbose)
+    detail, json = _detail(quiet, verbose), _writable(json)
     with report.progress(out, "tenants") as progress:
         result = commands.rollback_tenants(
             _settings(),
@@ -312,12 +333,16 @@ def rollback_tenants(c, tenant=None, steps=None, to=None, run=None, yes=False, j
     help={
         "org_id": "the organization's Clerk id, e.g. org_2abc123def456",
         "dry_run": HELP["dry_run"],
+        "allow_drift": "provision even if the tenants applied migration files that changed since",
     }
 )
 @edge
-def provision_tenant(c, org_id, dry_run=False):
+def provision_tenant(c, org_id, dry_run=False, allow_drift=False):
     """Register an organization, create its schema and apply every tenant migration."""
-    report.provisioned(out, provisioning.provision_tenant(_settings(), org_id, dry_run=dry_run))
+    done = provisioning.provision_tenant(
+        _settings(), org_id, dry_run=dry_run, allow_drift=allow_drift
+    )
+    report.provisioned(out, done)
 
 
 @command(
@@ -334,6 +359,31 @@ def deprovision_tenant(c, org_id, yes=False, archive=None):
     report.deprovisioned(out, result)
     if not result.dropped:
         raise Exit(code=1)
+
+
+@command(help={"archive": "the file deprovision-tenant --archive wrote"})
+@edge
+def restore_tenant(c, archive):
+    """Bring back a tenant archived by deprovisioning: its schema, data and registry row."""
+    report.restored(out, provisioning.restore_tenant(_settings(), archive))
+
+
+@command(
+    help={
+        "migration": "accept only this migration's edits (its id)",
+        "forget_missing": "forget applied migrations whose file is gone (unmark them)",
+        "dry_run": "show what would be accepted; change nothing",
+    }
+)
+@edge
+def repair(c, migration=None, forget_missing=False, dry_run=False):
+    """Accept edits to applied migrations: record their files' checksums as they are now."""
+    run = commands.repair(
+        _settings(), migration=migration, forget_missing=forget_missing, dry_run=dry_run
+    )
+    report.repaired(out, run)
+    if not run.ok:
+        raise Exit(report.run_error(run), code=1)
 
 
 @command(help={"name": "what the migration does, e.g. add_column", "py": "a Python migration"})
@@ -414,6 +464,8 @@ ns = Collection(
     rollback_tenants,
     provision_tenant,
     deprovision_tenant,
+    restore_tenant,
+    repair,
     make_master,
     make_tenant,
     status,
@@ -422,7 +474,7 @@ ns = Collection(
 )
 
 
-@task
+@command
 def version(c):
     """Print yoyo-tenants' version (invoke --version prints invoke's own, before tasks load)."""
     from . import __version__
