@@ -30,6 +30,7 @@ MASTER_IDS = [
     "20250101000100_create_tenants",
     "20250101000200_create_focus_areas",
     "20250101000300_create_coaching_categories",
+    "20250101000400_citus_reference_tables",
 ]
 
 

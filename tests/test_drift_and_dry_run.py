@@ -127,7 +127,7 @@ def test_dry_runs_change_nothing_and_show_the_sql(project, database):
     ]
     assert "DROP TABLE org_users;" in run.schemas[0].sql
     run = rollback_master(project, dry_run=True, steps=1)
-    assert run.schemas[0].migrations == ["20250101000300_create_coaching_categories"]
+    assert run.schemas[0].migrations == ["20250101000400_citus_reference_tables"]
     assert catalog(database) == before
 
 

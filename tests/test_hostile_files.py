@@ -472,7 +472,7 @@ def test_a_rollback_file_with_commit_is_refused_before_anything_is_rolled_back(a
 
 
 def test_a_master_rollback_file_with_commit_is_refused(at_head, shared):
-    path = at_head.master_dir / f"{MASTER_IDS[-1]}.rollback.sql"
+    path = at_head.master_dir / f"{MASTER_IDS[3]}.rollback.sql"
     path.write_text("DROP INDEX public.coaching_categories_focus_area_id_idx;\nCOMMIT;\n")
     before = snapshot(shared)
 

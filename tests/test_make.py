@@ -16,7 +16,7 @@ from yoyo_tenants.settings import Settings
 
 from .conftest import copy_migrations
 
-MASTER_HEAD = "20250101000300_create_coaching_categories"
+MASTER_HEAD = "20250101000400_citus_reference_tables"
 TENANT_HEAD = "20250101000200_create_chat_messages"
 ID = re.compile(r"(\d{14})_(\w+)")
 

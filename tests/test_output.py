@@ -274,7 +274,7 @@ def test_status_of_300_tenants_is_a_few_grouped_lines_with_the_first_org_ids(mix
     ids = mixed.ids
     few = ", ".join(t.org_id for t in mixed.behind_2[:3])
     assert lines == [
-        "public: at head, 4 applied, 0 pending",
+        "public: at head, 5 applied, 0 pending",
         f"tenants: 300 registered; head {ids[-1]}",
         "  290 at head: org_out0000, org_out0001, org_out0002 and 287 more",
         f"  4 behind by 2 ({ids[1]}, {ids[2]}): {few} and 1 more",

@@ -392,8 +392,8 @@ def test_rollback_master_steps_and_to(project):
     db = project.connection
     assert migrate_master(project).ok
 
-    run = rollback_master(project, steps=1)
-    assert run.schemas[0].migrations == [MASTER_IDS[3]]
+    run = rollback_master(project, steps=2)
+    assert run.schemas[0].migrations == [MASTER_IDS[4], MASTER_IDS[3]]
     assert "coaching_categories" not in tables(db, "public")
 
     run = rollback_master(project, to=MASTER_IDS[0])

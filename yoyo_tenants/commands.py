@@ -16,7 +16,7 @@ from typing import Any
 
 from yoyo.migrations import MigrationList
 
-from . import heads, log, registry, runs, scaffold
+from . import citus, heads, log, registry, runs, scaffold
 from .db import connect, server_params
 from .engine import (
     Direction,
@@ -299,7 +299,7 @@ def _run(
         on_start(len(work), len(tenants))
 
     def action(connection, result: SchemaResult) -> SchemaResult:
-        known, prelude = starting_point(states[result.schema], result.schema)
+        known, prelude = starting_point(states[result.schema], result.schema, options.citus)
         return migrate_schema(
             connection, plan(result.schema), result, options, known=known, prelude=prelude
         )
@@ -331,14 +331,14 @@ def _needs_work(state: SchemaState, plan) -> bool:
         return True  # drift or a missing file: the engine reports it, for this schema
 
 
-def starting_point(state: SchemaState, schema: str) -> tuple[Log | None, list]:
+def starting_point(state: SchemaState, schema: str, citus: bool) -> tuple[Log | None, list]:
     """How the engine starts on a scanned schema: the log it knows, and the statements that make
     its log table what a run writes to. A schema with yoyo's tables is read under its lock, and
     converted there."""
     if state.old_layout:
         return None, []
     if not state.tables_ready:
-        return Log([]), [log.create_sql(schema)]
+        return Log([]), log.create_sql(schema, citus)
     return state.log, [] if state.has_run else [log.add_run_sql(schema)]
 
 
@@ -397,6 +397,7 @@ class SchemaStatus:
     changed: list[str] = field(default_factory=list)  # applied, and the file changed since
     old_layout: bool = False  # keeps yoyo's tables: the next migrate converts them
     unreadable: str | None = None  # why its log could not be read
+    node: str | None = None  # on Citus, the worker holding it (host:port)
 
     @property
     def drift(self) -> list[str]:
@@ -467,6 +468,9 @@ def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]
         master_head=master[-1].id if master else None,
         tenant_head=tenant_migrations[-1].id if tenant_migrations else None,
     )
+    placed = citus.nodes(cursor, [t.schema for t in tenants])
+    for t in report.tenants:
+        t.node = placed.get(t.schema)
     return report, states
 
 
@@ -610,3 +614,17 @@ def repair(
     done = run_schemas(params, work, action, direction="repair", jobs=jobs)
     done.schemas, done.run = results, options.run
     return done
+
+
+# -- Citus ---------------------------------------------------------------------------------------
+
+
+def move_tenant(settings: Settings, org_id: str, to: str) -> tuple[str | None, str]:
+    """Move a tenant's schema to another Citus worker ("host:port"), online, under its lock;
+    where it was and where it is."""
+    connection = connect(server_params(settings))
+    try:
+        tenant = registry.tenant_of(connection.cursor(), org_id, settings.tenants_query)
+        return citus.move(connection, tenant.schema, to, run_options(settings))
+    finally:
+        connection.close()

@@ -7,7 +7,7 @@ followed by a guard (it left the search path and role as they were) and its log 
 migration and its record commit together or not at all. Everything a transaction sends waits in
 the session and goes to the server in as few messages as the server can take: one for a whole
 tenant on PostgreSQL; on Citus, which forwards a DDL statement's whole message to its workers,
-every migration statement and savepoint alone (`RunOptions.statement_per_message`).
+every migration statement and savepoint alone (`RunOptions.citus`).
 
 When a message fails, nothing is sent again: `ROLLBACK TO SAVEPOINT` undoes the migration that
 was running, and the log's position under it says which one that was; the migrations before it
@@ -68,6 +68,7 @@ GUARDED_NOW_SQL = (
     "THEN 'search_path to ' || current_setting('search_path') "
     "ELSE 'the role to ' || current_user END)::timestamp END"
 )
+NOW_SQL = "timezone('UTC', statement_timestamp())"
 #: After a Python migration, whose code may also have changed how the server reads strings in
 #: the messages that follow (a message is read whole before it runs, so within one it cannot).
 STRINGS_GUARD_SQL = (
@@ -122,8 +123,10 @@ class RunOptions:
     retry_pause: float = 0.5
     #: Apply to schemas whose applied migrations' files changed or vanished.
     allow_drift: bool = False
-    #: Send every migration statement and savepoint in a message of its own (Citus).
-    statement_per_message: bool = False
+    #: Citus mode: every migration statement and savepoint in a message of its own (Citus
+    #: forwards a DDL statement's whole message to its workers), the guard checked on the
+    #: coordinator, and logs made movable online (citus_schema_move needs a replica identity).
+    citus: bool = False
     #: The run the log rows name (see runs.py); None for provisioning.
     run: int | None = None
     #: Keep public.yoyo_tenants_heads up to date with each log written (see heads.py).
@@ -235,6 +238,7 @@ class Session:
         self.ran: list[tuple[Migration, str]] = []
         self._parts: list[_Part] = []
         self._insert: str | None = None  # made when the first log row is
+        self._guard: str | None = None  # on Citus, a statement of its own
         #: The log as the transaction found it, and the batch its rows record.
         self.base: Log = Log([])
         self._batch: int | None = None
@@ -286,7 +290,8 @@ class Session:
         if old and create:
             self._queue(self._text(log.upgrade_sql(self.schema)), alone=True)
         elif not exists and create:
-            self._queue(self._text(log.create_sql(self.schema)), alone=True)
+            for statement in log.create_sql(self.schema, self.options.citus):
+                self._queue(self._text(statement), alone=True)
         elif not exists:
             return Log([])
         elif not has_run and create:
@@ -363,9 +368,15 @@ class Session:
         )
         if self._insert is None:
             stamp = self._mogrify(GUARDED_NOW_SQL, {"search_path": self.search_path})
+            if self.options.citus:
+                # Citus runs an INSERT into a distributed table on its worker, where this
+                # transaction's settings are not: the guard runs on the coordinator, alone.
+                self._guard, stamp = f"SELECT {stamp}", NOW_SQL
             self._insert = self._text(
                 log.INSERT_SQL.format(log=self.log_table, stamp=sql.SQL(stamp))
             )
+        if self._guard:
+            self._queue(self._guard)
         row_id = self.start + len(self.ran)
         self._queue(f"{self._insert}{row_id}, {self._values(values)}")
 
@@ -383,7 +394,7 @@ class Session:
         return text
 
     def _queue_script(self, migration: Migration, script: Script) -> None:
-        if self.options.statement_per_message:
+        if self.options.citus:
             for offset, text in script.statements():
                 self._queue(text, migration, script, offset, alone=True)
         else:
@@ -403,7 +414,7 @@ class Session:
     # -- sending -----------------------------------------------------------------------------
 
     def _queue(self, text: str, migration=None, script=None, offset=0, alone=False) -> None:
-        if alone and self.options.statement_per_message:
+        if alone and self.options.citus:
             self.flush()
             self._parts.append(_Part(text, migration, script, offset, alone))
             self.flush()
@@ -604,7 +615,7 @@ def server_options(
     if write and not indexed:
         indexed = heads.ensure(cursor)
     per_message = has_citus if citus == "auto" else citus == "on"
-    return replace(options, statement_per_message=per_message, heads=write and indexed)
+    return replace(options, citus=per_message, heads=write and indexed)
 
 
 #: Quoted values of log rows, by (migration id, operation, batch, checksum, run) and encoding.

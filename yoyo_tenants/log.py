@@ -95,8 +95,19 @@ def rows_sql(schema: str, has_run: bool = True) -> sql.Composed:
     return sql.SQL("SELECT {} FROM {}").format(columns(has_run), sql.Identifier(schema, TABLE))
 
 
-def create_sql(schema: str) -> sql.Composed:
-    return CREATE_SQL.format(log=sql.Identifier(schema, TABLE))
+#: On Citus, a log moves with its schema online (citus_schema_move copies it by logical
+#: replication, which needs a replica identity); FULL adds no index, as the log has none.
+MOVABLE_SQL = sql.SQL("ALTER TABLE {log} REPLICA IDENTITY FULL")
+
+
+def create_sql(schema: str, citus: bool = False) -> list[sql.Composed]:
+    """The statements that make a schema's log (movable online on Citus)."""
+    table = sql.Identifier(schema, TABLE)
+    return [CREATE_SQL.format(log=table), *([MOVABLE_SQL.format(log=table)] if citus else [])]
+
+
+def movable_sql(schema: str) -> sql.Composed:
+    return MOVABLE_SQL.format(log=sql.Identifier(schema, TABLE))
 
 
 def add_run_sql(schema: str) -> sql.Composed:
@@ -108,7 +119,7 @@ def upgrade_sql(schema: str) -> sql.Composed:
         log=sql.Identifier(schema, TABLE),
         old=sql.Identifier(schema, OLD_TABLE),
         version=sql.Identifier(schema, VERSION_TABLE),
-        create=create_sql(schema),
+        create=create_sql(schema)[0],
     )
 
 

@@ -16,7 +16,7 @@ from pglast import ast, parser
 from pglast.enums import ObjectType
 from psycopg2 import sql
 
-from . import embedded, heads, log, registry
+from . import citus, embedded, heads, log, registry
 from .commands import run_options
 from .db import connect, server_params
 from .engine import MessageFailed, SchemaResult, Session, migrate_schema, server_options
@@ -80,7 +80,7 @@ def _provision(connection, tenant: Tenant, migrations, options) -> Provisioned:
     """The registry row, the schema, its log table and every migration in one transaction
     (one message, unless a migration is non-transactional)."""
     result = SchemaResult(tenant.schema, tenant.org_id)
-    prelude = [*registry.register_sql(tenant), log.create_sql(tenant.schema)]
+    prelude = [*registry.register_sql(tenant), *log.create_sql(tenant.schema, options.citus)]
     if options.heads and not options.allow_drift:
         prelude.insert(0, heads.fleet_guard_sql(migrations))
     plan = ApplyPlan(tenant.schema, migrations)
@@ -286,8 +286,11 @@ def restore_tenant(settings: Settings, archive: str | Path) -> Restored:
                 f"{tenant.org_id} or schema {schema} exists: remove it before restoring "
                 f"{archive} (nothing was restored)"
             )
-        _pg_restore(params, archive)
+        on_citus = citus.installed(cursor)
+        _pg_restore(params, archive, on_citus)
         try:
+            if on_citus:  # restored as a plain schema (see _pg_restore): now distributed
+                cursor.execute("SELECT citus_schema_distribute(%s::regnamespace)", (schema,))
             session = Session(connection, schema, run_options(settings))
             prelude = registry.reregister_sql(schema, row, _columns(cursor))
             session.begin(prelude=prelude, read=False)
@@ -332,13 +335,18 @@ def _columns(cursor) -> list[str]:
     return [name for (name,) in cursor.fetchall()]
 
 
-def _pg_restore(params: Mapping[str, str], archive: Path) -> None:
+def _pg_restore(params: Mapping[str, str], archive: Path, on_citus: bool) -> None:
+    """pg_restore in one transaction. On Citus a new schema would be distributed as it is made,
+    and Citus cannot then take the identity columns pg_dump adds with ALTER TABLE: the schema
+    is restored as a plain one, and distributed afterwards."""
+    options = {"PGOPTIONS": "-c citus.enable_schema_based_sharding=off"} if on_citus else {}
     _run_client(
         "pg_restore",
         ["--single-transaction", "--exit-on-error", "--no-owner", f"--dbname={params['dbname']}",
          str(archive)],
         params,
         f"restore {archive} (nothing was restored)",
+        options,
     )  # fmt: skip
 
 
@@ -352,10 +360,14 @@ def dump_schema(params: Mapping[str, str], schema: str, path: Path) -> Path:
     return path
 
 
-def _run_client(program: str, args: list[str], params: Mapping[str, str], what: str):
+def _run_client(program: str, args: list[str], params: Mapping[str, str], what: str, env=None):
     """Run one of PostgreSQL's client programs; TenantsError naming `what` if it fails."""
     # Connection settings go through the environment, so the password is on no command line.
-    env = {**os.environ, **{_PGENV[k]: str(v) for k, v in params.items() if k in _PGENV}}
+    env = {
+        **os.environ,
+        **{_PGENV[k]: str(v) for k, v in params.items() if k in _PGENV},
+        **(env or {}),
+    }
     try:
         done = subprocess.run(
             [_client(program), *args], env=env, capture_output=True, text=True, timeout=3600
@@ -363,8 +375,9 @@ def _run_client(program: str, args: list[str], params: Mapping[str, str], what: 
     except OSError as exc:
         raise TenantsError(f"{program} could not run: {exc}") from None
     if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise TenantsError(f"could not {what}: {reason}")
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        reason = next((line for line in lines if "error:" in line), lines[-1])
+        raise TenantsError(f"could not {what}: {reason.split('error:', 1)[-1].strip()}")
     return done
 
 

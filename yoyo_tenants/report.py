@@ -377,6 +377,8 @@ def _behind(group: list[SchemaStatus]) -> list[str]:
 
 def _status_line(t: SchemaStatus) -> str:
     parts = [t.state, f"{len(t.applied)} applied"]
+    if t.node:
+        parts.append(f"on {t.node}")
     if t.pending:
         parts.append(f"pending {', '.join(t.pending)}")
     parts += [f"drift: {problem}" for problem in t.drift]
@@ -386,13 +388,15 @@ def _status_line(t: SchemaStatus) -> str:
 
 
 def _status_table(listed: Sequence[SchemaStatus]) -> Table:
-    table = Table("org id", "schema", "state", "applied", "pending")
-    for column in table.columns[:3]:
+    placed = any(t.node for t in listed)  # on Citus: the worker holding each
+    table = Table("org id", "schema", *(["node"] if placed else []), "state", "applied", "pending")
+    for column in table.columns[: 4 if placed else 3]:
         column.no_wrap = True  # an id cut in two is no id: the pending list gives way
-    table.columns[3].justify = "right"
+    table.columns[-2].justify = "right"
     for t in listed:
         pending = ", ".join(t.pending + t.drift + ([t.unreadable] if t.unreadable else []))
-        table.add_row(t.org_id, t.schema, t.state, str(len(t.applied)), pending)
+        node = [t.node or ""] if placed else []
+        table.add_row(t.org_id, t.schema, *node, t.state, str(len(t.applied)), pending)
     return table
 
 
@@ -406,6 +410,7 @@ def status_json(report: Status) -> dict:
             "pending": s.pending,
             "unknown": s.unknown,
             "changed": s.changed,
+            "node": s.node,
         }
 
     return {

@@ -361,6 +361,19 @@ def deprovision_tenant(c, org_id, yes=False, archive=None):
         raise Exit(code=1)
 
 
+@command(
+    help={
+        "org_id": "the organization's Clerk id",
+        "to": "the worker to move it to, host:port (as status shows the nodes)",
+    }
+)
+@edge
+def move_tenant(c, org_id, to):
+    """Citus: move a tenant's schema to another worker, online, under the schema's lock."""
+    was, now = commands.move_tenant(_settings(), org_id, to)
+    out.print(f"{org_id}: on {now}" + (f" (was on {was})" if was != now else " already"))
+
+
 @command(help={"archive": "the file deprovision-tenant --archive wrote"})
 @edge
 def restore_tenant(c, archive):
@@ -466,6 +479,7 @@ ns = Collection(
     deprovision_tenant,
     restore_tenant,
     repair,
+    move_tenant,
     make_master,
     make_tenant,
     status,

@@ -1,0 +1,1 @@
+-- Nothing: reference tables stay as they are (the rollbacks before this one drop them).
