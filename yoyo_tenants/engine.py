@@ -97,6 +97,8 @@ LAYOUT_SQL = (
 )
 
 
+#: How the engine's own statements that are not DDL begin (those may share a message on Citus).
+QUERIES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 #: A statement as the engine takes it: composed with psycopg2.sql, or already text.
 Statement = sql.Composable | str
 
@@ -221,7 +223,7 @@ class Session:
     """One schema's work on one connection, from BEGIN to COMMIT: its transaction, its lock, the
     statements waiting to be sent, and the log rows they will write."""
 
-    def __init__(self, connection, schema: str, options: RunOptions):
+    def __init__(self, connection, schema: str, options: RunOptions, atomic: bool = False):
         self.connection = connection
         self.cursor = connection.cursor()
         self.schema = schema
@@ -231,6 +233,10 @@ class Session:
         quoted = sql.Identifier(schema).as_string(connection)
         self.search_path = "public" if schema == "public" else f"{quoted}, public"
         self.open = False
+        #: A savepoint per migration keeps those before a failing one (and, in one message,
+        #: says which failed). All or nothing on Citus, where every statement goes alone and so
+        #: names itself when it fails, needs none: a round trip less per migration.
+        self.savepoints = not (atomic and options.citus)
         #: The log's position when the transaction began.
         self.start = 0
         #: What this transaction logs, in order: each entry is one log row, numbered on from
@@ -239,6 +245,7 @@ class Session:
         self._parts: list[_Part] = []
         self._insert: str | None = None  # made when the first log row is
         self._guard: str | None = None  # on Citus, a statement of its own
+        self._rows: list[str] = []  # log rows waiting for the COMMIT (see _queue_row)
         #: The log as the transaction found it, and the batch its rows record.
         self.base: Log = Log([])
         self._batch: int | None = None
@@ -248,7 +255,11 @@ class Session:
     # -- the transaction ---------------------------------------------------------------------
 
     def begin(
-        self, known: Log | None = None, prelude: Sequence[Statement] = (), read: bool = True
+        self,
+        known: Log | None = None,
+        prelude: Sequence[Statement] = (),
+        read: bool = True,
+        fresh: bool = False,
     ) -> Log:
         """Open the schema's transaction under its lock, run `prelude` in it, and return the
         schema's log as it is under the lock.
@@ -256,17 +267,20 @@ class Session:
         With `known` (read by a scan a moment ago) nothing is sent yet: the lock, the prelude and
         a guard that the log is still at known.position go out with the first migration, and
         LogMoved is raised then if it is not. Without, the log is read under the lock now (and
-        made, or converted from yoyo's tables, if need be), unless not `read`.
+        made, or converted from yoyo's tables, if need be), unless not `read`. `fresh`: the
+        prelude makes the schema and its log, so there is no log to check.
         """
         assert not self.open
         self.open, self.ran, self.base, self._batch = True, [], Log([]), None
         self._indexed = True
         self._queue(self._mogrify(BEGIN_SQL, self._session_params()))
         for statement in prelude:
-            self._queue(self._text(statement), alone=True)
+            text = self._text(statement)
+            self._queue(text, alone=not text.lstrip().upper().startswith(QUERIES))
         if known is not None:
-            guard = POSITION_GUARD_SQL.format(log=self.log_table)
-            self._queue(self._mogrify(guard, {"position": known.position}))
+            if not fresh:
+                guard = POSITION_GUARD_SQL.format(log=self.log_table)
+                self._queue(self._mogrify(guard, {"position": known.position}))
             self.base, self.start = known, known.position
             return known
         if not read:
@@ -302,6 +316,9 @@ class Session:
         return Log.from_rows(self.cursor.fetchall())
 
     def commit(self) -> None:
+        for text in self._rows:
+            self._queue(text)
+        self._rows = []
         if self.options.heads and (self.ran or not self._indexed):
             self._queue(self._mogrify(heads.UPSERT_SQL, self._head()))
         self._queue("COMMIT; " + RESET_SQL)
@@ -322,7 +339,7 @@ class Session:
 
     def rollback(self) -> None:
         """End the transaction, keeping nothing of it."""
-        self._parts = []
+        self._parts, self._rows = [], []
         try:
             self.cursor.execute("ROLLBACK; " + RESET_SQL)
         finally:
@@ -336,7 +353,8 @@ class Session:
         guard and its log row. `operation`: "apply", "rollback" or "post-apply"."""
         assert self.open and migration.use_transactions
         self.ran.append((migration, operation))
-        self._queue(f"SAVEPOINT {SAVEPOINT}", alone=True)
+        if self.savepoints:
+            self._queue(f"SAVEPOINT {SAVEPOINT}", alone=True)
         script = _script(migration, operation)
         if isinstance(script, Script):
             self._queue_script(migration, script)
@@ -375,10 +393,15 @@ class Session:
             self._insert = self._text(
                 log.INSERT_SQL.format(log=self.log_table, stamp=sql.SQL(stamp))
             )
-        if self._guard:
-            self._queue(self._guard)
-        row_id = self.start + len(self.ran)
-        self._queue(f"{self._insert}{row_id}, {self._values(values)}")
+        row = [self._guard] if self._guard else []
+        row.append(f"{self._insert}{self.start + len(self.ran)}, {self._values(values)}")
+        if self.savepoints:
+            for text in row:
+                self._queue(text)
+        else:
+            # All or nothing on Citus: the rows (and their guards) wait for the COMMIT's message
+            # rather than take a round trip each between DDL statements that must go alone.
+            self._rows += row
 
     def _values(self, values: tuple) -> str:
         """A row's values after its number, quoted once for all the schemas of a run: at
@@ -448,6 +471,9 @@ class Session:
             )
         migration = next((p.migration for p in parts if p.migration is not None), None)
         if not self.open:  # a non-transactional migration's statement, sent alone
+            return MessageFailed(_failure_in(exc, migration, parts, self.connection.info.user))
+        if not self.savepoints:  # every statement alone: the failing one is this message's
+            self.rollback()
             return MessageFailed(_failure_in(exc, migration, parts, self.connection.info.user))
         try:
             self.cursor.execute(
@@ -698,6 +724,7 @@ def migrate_schema(
     known: Log | None = None,
     prelude: Sequence[str] = (),
     atomic: bool = False,
+    fresh: bool = False,
 ) -> SchemaResult:
     """Do what `plan` chooses (see plan.py) to `result.schema`: the one way a schema is migrated
     or rolled back, by every command.
@@ -705,13 +732,14 @@ def migrate_schema(
     `known`: the schema's log as a scan read it, so that a schema needing one transaction costs
     one message. `prelude`: statements run first in the first transaction (provisioning's
     registry row and CREATE SCHEMA). `atomic`: a failure keeps nothing of its transaction
-    (provisioning), instead of committing the migrations before the one that failed.
+    (provisioning), instead of committing the migrations before the one that failed. `fresh`:
+    the prelude makes the schema and its log (provisioning), so `known` needs no check.
     """
     started = time.perf_counter()
-    session = Session(connection, result.schema, options)
+    session = Session(connection, result.schema, options, atomic)
     try:
-        while _round(session, plan, result, options, known, prelude, atomic):
-            known, prelude = None, ()
+        while _round(session, plan, result, options, known, prelude, atomic, fresh):
+            known, prelude, fresh = None, (), False
     except LockBusy as exc:
         result.skipped = True
         result.fail(str(exc))
@@ -724,7 +752,7 @@ def migrate_schema(
     return result
 
 
-def _round(session: Session, plan, result, options, known, prelude, atomic) -> bool:
+def _round(session: Session, plan, result, options, known, prelude, atomic, fresh) -> bool:
     """One transaction of a schema's work; True if another is needed (after a non-transactional
     migration, a retry, or a log that moved under a scan)."""
     try:
@@ -735,7 +763,7 @@ def _round(session: Session, plan, result, options, known, prelude, atomic) -> b
                 session.commit()  # keeps a log table just made or converted
             return False
         if not session.open:
-            session.begin(known=current, prelude=prelude)
+            session.begin(known=current, prelude=prelude, fresh=fresh)
         for migration in todo:
             if not migration.use_transactions:
                 break
@@ -765,8 +793,8 @@ def _round(session: Session, plan, result, options, known, prelude, atomic) -> b
 
 def _after_failure(session: Session, result, options, failure: Failure, atomic: bool) -> bool:
     """Keep (or, `atomic`, drop) what ran before the failing migration; True to try again."""
-    if not session.open:  # no migration was running: the transaction is gone already
-        if failure.sqlstate == LOCK_NOT_AVAILABLE:
+    if not session.open:  # the transaction is gone already
+        if failure.migration is None and failure.sqlstate == LOCK_NOT_AVAILABLE:
             raise LockBusy(f"schema {result.schema} is locked by another run")
         result.failure = failure
         return False

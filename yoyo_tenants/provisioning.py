@@ -84,7 +84,7 @@ def _provision(connection, tenant: Tenant, migrations, options) -> Provisioned:
     if options.heads and not options.allow_drift:
         prelude.insert(0, heads.fleet_guard_sql(migrations))
     plan = ApplyPlan(tenant.schema, migrations)
-    migrate_schema(connection, plan, result, options, Log([]), prelude, atomic=True)
+    migrate_schema(connection, plan, result, options, Log([]), prelude, atomic=True, fresh=True)
     if result.failure is None:
         return Provisioned(tenant, created=True, migrations=result.migrations)
     if heads.FLEET_BEHIND in str(result.failure):
