@@ -223,3 +223,13 @@ def test_repair_restore_and_a_report_path_on_the_command_line(project, database,
     assert nowhere.returncode == 2
     assert nowhere.stderr.strip().startswith("error: --json") and "\n" not in nowhere.stderr.strip()
     assert "migrating" not in nowhere.stdout  # refused before anything ran
+
+
+def test_verify_fails_on_a_database_never_migrated_or_without_its_registry(project, database):
+    assert verify(project) == ["public has never been migrated: run invoke migrate-master"]
+    migrate_master(project)
+    query(database, "DROP TABLE public.tenants")
+
+    assert verify(project) == [
+        "public: the tenant registry public.tenants does not exist: run invoke migrate-master"
+    ]

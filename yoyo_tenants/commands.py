@@ -512,6 +512,10 @@ def verify(settings: Settings) -> list[str]:
         cursor = connection.cursor()
         report, states = _status(settings, cursor, from_index=False)
         problems = [f"public: {p}" for p in report.master.drift]
+        if report.master.standing == Standing.NEVER_MIGRATED:
+            problems.append("public has never been migrated: run invoke migrate-master")
+        elif settings.tenants_query is None and not registry.exists(cursor):
+            problems.append(f"public: {registry.REGISTRY_MISSING}")
         if report.master.old_layout:
             problems.append(f"public: {OLD_LAYOUT} (run invoke migrate-master)")
         for t in report.tenants:

@@ -46,6 +46,12 @@ def schema_for(org_id: str) -> str:
     return SCHEMA_PREFIX + hashlib.sha256(check_org_id(org_id).encode()).hexdigest()[:10]
 
 
+def exists(cursor) -> bool:
+    """Whether the registry is there (the master migrations make it)."""
+    cursor.execute("SELECT to_regclass('public.tenants') IS NOT NULL")
+    return cursor.fetchone()[0]
+
+
 def ensure_registry(cursor) -> None:
     """Fail clearly when the master migrations (which create the registry) have not run."""
     cursor.execute("SELECT to_regclass('public.tenants')")
