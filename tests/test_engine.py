@@ -534,3 +534,21 @@ def test_a_schema_held_by_another_session_is_waited_for_with_lock_wait_not_lock_
 
     assert time.monotonic() - started >= 0.9
     assert run.ok and run.schemas[0].migrations == [ADD]
+
+
+def test_in_citus_mode_provisioning_sends_each_ddl_statement_alone_and_nothing_more(traced):
+    settings, log = traced
+    settings = replace(settings, citus="on")
+    migrate_master(settings)
+    log.mark()
+
+    done = provision_tenant(settings, "org_citusround1")
+
+    assert done.created
+    messages = log.messages()
+    # The server check; the transaction's start with the registry row; CREATE SCHEMA; the log;
+    # the seven DDL statements of the shipped migrations; the log rows with the COMMIT.
+    assert len(messages) == 12, messages
+    assert not [m for m in messages if "SAVEPOINT" in m]  # all or nothing: none needed
+    assert messages[1].startswith("BEGIN;") and "INSERT INTO public.tenants" in messages[1]
+    assert messages[-1].count("INSERT INTO") == 4 and "COMMIT" in messages[-1]
