@@ -22,9 +22,10 @@ from yoyo_tenants import (
     schema_for,
 )
 from yoyo_tenants.db import connect
-from yoyo_tenants.engine import RunOptions, SchemaResult, migrate_schema
+from yoyo_tenants.engine import migrate_schema
 from yoyo_tenants.loading import load_migrations
 from yoyo_tenants.plan import ApplyPlan
+from yoyo_tenants.results import RunOptions, SchemaResult
 from yoyo_tenants.runner import scan
 
 from .conftest import (

@@ -20,8 +20,8 @@ from yoyo_tenants import (
     status,
     verify,
 )
-from yoyo_tenants.engine import Outcome
 from yoyo_tenants.report import run_json
+from yoyo_tenants.results import Outcome
 from yoyo_tenants.settings import Settings
 
 from .conftest import TENANT_IDS, Admin, applied_ids, copy_migrations, query, write_migration

@@ -23,18 +23,12 @@ from yoyo.backends.core.postgresql import PostgresqlBackend
 from yoyo.migrations import Migration
 
 from . import log
-from .engine import (
-    RunOptions,
-    SchemaResult,
-    Session,
-    lock_key,
-    mark_schema,
-    migrate_schema,
-    server_options,
-)
+from .engine import mark_schema, migrate_schema, server_options
 from .errors import MigrationFailed, NotReady
 from .loading import SqlMigration
 from .log import Log
+from .results import RunOptions, SchemaResult
+from .session import Session, lock_key
 
 MAX_IDENTIFIER_BYTES = 63
 

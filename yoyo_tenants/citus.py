@@ -2,7 +2,7 @@
 
 With `citus.enable_schema_based_sharding` on, every new tenant schema becomes a distributed
 schema, its tables together on one worker node. The engine migrates them as it does on
-PostgreSQL, one statement a message (see engine.RunOptions.citus); this module is the little
+PostgreSQL, one statement a message (see results.RunOptions.citus); this module is the little
 that is Citus's own.
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import log
-from .engine import RunOptions, lock_key
 from .errors import LockBusy, NotReady, UsageError
+from .results import RunOptions
+from .session import lock_key
 
 #: The node of each distributed schema: the placement of a shard of one of its tables.
 NODES_SQL = """

@@ -18,19 +18,13 @@ from yoyo.migrations import MigrationList
 
 from . import citus, heads, log, registry, runs, scaffold
 from .db import connect, server_params
-from .engine import (
-    Direction,
-    RunOptions,
-    SchemaResult,
-    mark_schema,
-    migrate_schema,
-    server_options,
-)
+from .engine import mark_schema, migrate_schema, server_options
 from .errors import TenantsError, UsageError
 from .loading import load_migrations
 from .log import Log, migration_checksum
 from .plan import ApplyPlan, Drift, RepairPlan, RollbackPlan, RollbackTarget, migration_sql
 from .registry import Tenant
+from .results import Direction, RunOptions, SchemaResult
 from .runner import RunResult, SchemaState, run_schemas, scan
 from .scripts import drops_table
 from .settings import Settings

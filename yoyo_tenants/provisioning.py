@@ -19,7 +19,7 @@ from psycopg2 import sql
 from . import citus, embedded, heads, log, registry
 from .commands import run_options
 from .db import connect, server_params
-from .engine import MessageFailed, SchemaResult, Session, migrate_schema, server_options
+from .engine import migrate_schema, server_options
 from .errors import (
     LockBusy,
     MigrationFailed,
@@ -32,7 +32,9 @@ from .loading import load_migrations
 from .log import Log
 from .plan import ApplyPlan, Drift, drift, migration_sql
 from .registry import Tenant
+from .results import SchemaResult
 from .runner import scan
+from .session import MessageFailed, Session
 from .settings import Settings
 
 

@@ -27,8 +27,8 @@ from rich.progress import (
 from rich.table import Table
 
 from .commands import SchemaStatus, Standing, Status
-from .engine import Outcome, SchemaResult
 from .provisioning import Deprovisioned, Provisioned, Restored
+from .results import Outcome, SchemaResult
 from .runner import RunResult
 
 #: Seconds between progress lines when stdout is not a terminal.

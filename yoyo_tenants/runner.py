@@ -18,9 +18,9 @@ from yoyo.migrations import MigrationList
 
 from . import heads, log
 from .db import connect, connection_lost, error_text
-from .engine import ConnectionLost, Outcome, SchemaResult
 from .errors import ConnectionFailed, TenantsError
 from .log import AppliedMigration, Log, migration_checksum
+from .results import ConnectionLost, Outcome, SchemaResult
 
 #: Schemas per query when reading many schemas' migration tables at once: planning a UNION ALL
 #: grows faster than its size (measured: 1000 schemas in chunks of 100 read in 0.09 s, of 500 in
