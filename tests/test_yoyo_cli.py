@@ -7,12 +7,25 @@ import subprocess
 import sys
 from urllib.parse import urlencode
 
+import psycopg2
 import pytest
-from psycopg2 import sql
+from psycopg2 import extensions, sql
+from yoyo import read_migrations
+from yoyo.connections import get_backend
 
 from yoyo_tenants import migrate_master
+from yoyo_tenants.errors import MigrationFailed, NotReady
 
-from .conftest import TENANT_IDS, TENANT_TABLES, YOYO_TABLES, Admin, applied_ids, query, tables
+from .conftest import (
+    TENANT_IDS,
+    TENANT_TABLES,
+    YOYO_TABLES,
+    Admin,
+    applied_ids,
+    query,
+    tables,
+    write_migration,
+)
 
 SCHEMA = "tid_0123456789"
 
@@ -155,3 +168,107 @@ def test_a_schema_with_a_hostile_name_is_used_as_a_name_only(master, tmp_path):
     assert applied_ids(db, EVIL) == TENANT_IDS
     assert "pwned" not in tables(db, "public")
     assert "org_users" not in tables(db, "public")
+
+
+def plain_uri(db, schema: str) -> str:
+    """The same database for yoyo's own PostgreSQL backend."""
+    return uri(db, schema).replace("postgresql+tenant:", "postgresql:", 1)
+
+
+@pytest.fixture
+def tenant(master):
+    """A tenant schema, created but never migrated."""
+    with Admin(master.connection) as admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
+    return master
+
+
+def test_library_callers_get_exceptions_not_an_exit(tenant):
+    db = tenant.connection
+    with pytest.raises(NotReady, match="tid_ffffffffff does not exist"):
+        get_backend(uri(db, "tid_ffffffffff"))
+    write_migration(tenant.tenant_dir, "20300101000000_broken", "SELECT nope FROM x;")
+    backend = get_backend(uri(db, SCHEMA))
+
+    # yoyo's API promises a DatabaseError of the driver when a migration fails
+    with pytest.raises(psycopg2.DatabaseError) as failed:
+        backend.apply_migrations(backend.to_apply(read_migrations(str(tenant.tenant_dir))))
+
+    assert isinstance(failed.value, MigrationFailed)
+    assert "20300101000000_broken.sql line 1" in str(failed.value)
+
+
+# -- reads -----------------------------------------------------------------------------------------
+
+
+def test_reads_outside_a_transaction_see_the_schema_and_leave_the_session_as_it_was(
+    tenant, tmp_path
+):
+    db = tenant.connection
+    args = ("apply", "--batch", "--database", uri(db, SCHEMA), str(tenant.tenant_dir))
+    assert yoyo(tmp_path, *args).returncode == 0
+    query(db, sql.SQL("INSERT INTO {} (clerk_user_id, email) VALUES ('u1', 'a@b.c')").format(
+        sql.Identifier(SCHEMA, "org_users")))  # fmt: skip
+    backend = get_backend(uri(db, SCHEMA))
+
+    assert backend.execute("SELECT count(*) FROM org_users").fetchone() == (1,)
+    cursor = backend.cursor()
+    cursor.execute(
+        "SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'org_users'::regclass"
+    )
+    assert cursor.fetchone() == (SCHEMA,)
+    assert "org_users" in backend.list_tables()
+
+    idle = backend.connection.cursor()
+    idle.execute("SHOW search_path")
+    assert idle.fetchone() == ('"$user", public',)  # the session never had the schema
+    assert backend.connection.info.transaction_status == extensions.TRANSACTION_STATUS_IDLE
+
+
+def test_yoyo_list_on_a_schema_plain_yoyo_migrated_changes_nothing(tenant, tmp_path):
+    db = tenant.connection
+    folder = tmp_path / "own"
+    folder.mkdir()
+    write_migration(folder, "0001_a", "CREATE TABLE a (i int);")
+    write_migration(folder, "0002_b", "CREATE TABLE b (i int);")
+    plain = ("--batch", "--database", plain_uri(db, SCHEMA), str(folder))
+    assert yoyo(tmp_path, "apply", "--revision", "0001_a", *plain).returncode == 0
+    layout = tables(db, SCHEMA)
+    assert {"_yoyo_migration", "_yoyo_log", "_yoyo_version"} <= layout
+    yoyo_log = query(db, f"SELECT * FROM {SCHEMA}._yoyo_log ORDER BY created_at_utc")
+    yoyo_applied = query(db, f"SELECT * FROM {SCHEMA}._yoyo_migration")
+
+    done = yoyo(tmp_path, "list", "--batch", "--database", uri(db, SCHEMA), str(folder))
+
+    assert done.returncode == 0, done.stderr
+    states = {line.split()[1]: line.split()[0] for line in done.stdout.splitlines()[2:]}
+    assert states == {"0001_a": "A", "0002_b": "U"}
+    assert tables(db, SCHEMA) == layout
+    assert query(db, f"SELECT * FROM {SCHEMA}._yoyo_log ORDER BY created_at_utc") == yoyo_log
+    assert query(db, f"SELECT * FROM {SCHEMA}._yoyo_migration") == yoyo_applied
+    # and plain yoyo still reads and writes its own tables
+    done = yoyo(tmp_path, "apply", *plain)
+    assert done.returncode == 0, done.stderr
+    assert "b" in tables(db, SCHEMA)
+
+
+# -- yoyo's migrations in Python -------------------------------------------------------------------
+
+
+def test_a_python_migration_outside_a_transaction_runs_outside_one(tenant, tmp_path):
+    db = tenant.connection
+    (tenant.tenant_dir / "20300101000000_index.py").write_text(
+        "from yoyo import step\n"
+        "__transactional__ = False\n"
+        "steps = [step('CREATE INDEX CONCURRENTLY org_users_email ON org_users (email)',\n"
+        "              'DROP INDEX CONCURRENTLY org_users_email')]\n"
+    )
+    backend = get_backend(uri(db, SCHEMA))
+
+    # yoyo's API, as its own tests call it: the migrations not yet loaded (yoyo's command line
+    # loads them as it sorts them)
+    backend.apply_migrations(read_migrations(str(tenant.tenant_dir)))
+
+    assert applied_ids(db, SCHEMA) == [*TENANT_IDS, "20300101000000_index"]
+    index = f"{SCHEMA}.org_users_email"
+    assert query(db, "SELECT to_regclass(%s)::text", (index,)) == [(index,)]

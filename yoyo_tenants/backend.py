@@ -9,21 +9,27 @@ yoyo decides what to do (its own reading of the files, its prompts); every migra
 log row goes through the same engine as the invoke tasks (engine.py): a migration and its log row
 commit together under the schema's advisory lock, with the search path set for that transaction
 only. It also closes yoyo's traps for many schemas (see shared/YOYO-NOTES.md): the schema name is
-quoted, a schema that does not exist is an error rather than a fall-through to public, and there
-is no lock table (a session advisory lock dies with its session).
+quoted, a schema that does not exist is an error rather than a fall-through to public, reads
+write nothing (yoyo's own tables are read as they are, never converted), and there is no lock
+table (a session advisory lock dies with its session).
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
 from contextlib import contextmanager
 
+import psycopg2
+from psycopg2 import extensions
 from yoyo import exceptions
 from yoyo.backends.core.postgresql import PostgresqlBackend
 from yoyo.migrations import Migration
 
 from . import log
 from .engine import (
+    MessageFailed,
     RunOptions,
     SchemaResult,
     Session,
@@ -37,6 +43,10 @@ from .loading import SqlMigration
 from .log import Log
 
 MAX_IDENTIFIER_BYTES = 63
+#: Statements that open or end a transaction: sent as they are, never wrapped in one.
+TRANSACTION_CONTROL = re.compile(
+    r"\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE)\b", re.I
+)
 
 
 def check_schema_name(name: str) -> str:
@@ -44,6 +54,11 @@ def check_schema_name(name: str) -> str:
     if not name or "\x00" in name or len(name.encode()) > MAX_IDENTIFIER_BYTES:
         raise NotReady(f"invalid schema name {name!r}")
     return name
+
+
+class MigrationError(MigrationFailed, psycopg2.DatabaseError):
+    """A migration failed and was rolled back: one of our errors and, as yoyo's API promises of
+    a failing migration, a DatabaseError of the driver."""
 
 
 class TenantBackend(PostgresqlBackend):
@@ -55,6 +70,7 @@ class TenantBackend(PostgresqlBackend):
     def connect(self, dburi):
         connection = super().connect(dburi)  # takes "schema" out of the URI's arguments
         self.schema = check_schema_name(self.schema or "public")
+        self.search_path = Session(connection, self.schema, self.options).search_path
         self._batch: int | None = None  # one batch for all yoyo applies in this process
         return connection
 
@@ -72,18 +88,21 @@ class TenantBackend(PostgresqlBackend):
     def init_connection(self, connection):
         pass  # the search path is set per transaction, never on the session
 
+    def cursor(self):
+        cursor = self.connection.cursor(cursor_factory=SchemaCursor)
+        cursor.search_path = self.search_path
+        return cursor
+
     def begin(self):
         # yoyo's own transactions see the schema too, for that transaction only.
         assert not self._in_transaction
         self._in_transaction = True
-        self.execute("BEGIN; SELECT set_config('search_path', :path, true)", {"path": self._path})
+        self.execute(
+            "BEGIN; SELECT set_config('search_path', :path, true)", {"path": self.search_path}
+        )
 
     def list_tables(self, **kwargs):
         return super(PostgresqlBackend, self).list_tables(schema=self.schema, **kwargs)
-
-    @property
-    def _path(self) -> str:
-        return Session(self.connection, self.schema, self.options).search_path
 
     # -- locking -------------------------------------------------------------------------------
 
@@ -121,13 +140,17 @@ class TenantBackend(PostgresqlBackend):
         pass  # the engine makes (or converts) the log table when it first writes to it
 
     def applied(self) -> Log:
-        """The schema's log, read under its lock; nothing is written, not even a log table."""
+        """The schema's log, read under its lock; nothing is written, not even a log table, and
+        yoyo's own tables (an old layout) are read as they are."""
         session = Session(self.connection, self.schema, self.options)
         session.begin(read=False)
         try:
             return session.read_log(create=False)
+        except MessageFailed as failed:
+            raise NotReady(f"cannot read the log of schema {self.schema}: {failed}") from None
         finally:
-            session.rollback()
+            if session.open:
+                session.rollback()
 
     def get_applied_migration_hashes(self):
         return [row.migration_hash for row in self.applied().applied]
@@ -149,7 +172,7 @@ class TenantBackend(PostgresqlBackend):
         plan = _One(self._ours(migration), operation, self)
         result = migrate_schema(self.connection, plan, SchemaResult(self.schema), self.options)
         if result.failure:
-            raise MigrationFailed(migration.id, self.schema, str(result.failure))
+            raise MigrationError(migration.id, self.schema, str(result.failure))
 
     def mark_migrations(self, migrations):
         self._record(migrations, "mark")
@@ -183,8 +206,10 @@ class TenantBackend(PostgresqlBackend):
         return self._batch
 
     def _ours(self, migration: Migration) -> Migration:
-        """yoyo's reading of a .sql file, read again the engine's way (see loading.py)."""
+        """yoyo's reading of a .sql file, read again the engine's way (see loading.py); a Python
+        migration loaded, so that the engine knows whether it runs in a transaction."""
         if not migration.is_raw_sql() or isinstance(migration, SqlMigration):
+            migration.load()
             return migration
         ours = SqlMigration(migration.id, migration.path, migration.source_dir, self._public)
         ours.load()
@@ -193,6 +218,32 @@ class TenantBackend(PostgresqlBackend):
     @property
     def _public(self) -> bool:
         return self.schema == "public"
+
+
+class SchemaCursor(extensions.cursor):
+    """A cursor that sees its backend's schema outside yoyo's transactions too.
+
+    yoyo and its API's users read through ``backend.execute()`` and ``backend.cursor()`` with no
+    transaction open (the connection is in autocommit). Setting the search path on the session,
+    as yoyo does, would reach other clients of a transaction-pooling PgBouncer; so a statement
+    sent outside a transaction runs in a short one of its own, with the search path set for it
+    alone (``set_config(..., true)``), and commits as autocommit would have.
+    """
+
+    search_path = "public"
+
+    def execute(self, query, vars=None):
+        idle = self.connection.info.transaction_status == extensions.TRANSACTION_STATUS_IDLE
+        if not idle or (isinstance(query, str) and TRANSACTION_CONTROL.match(query)):
+            return super().execute(query, vars)
+        super().execute("BEGIN; SELECT set_config('search_path', %s, true)", (self.search_path,))
+        try:
+            super().execute(query, vars)
+        except BaseException:
+            with contextlib.suppress(psycopg2.Error):
+                self.connection.cursor().execute("ROLLBACK")
+            raise
+        self.connection.cursor().execute("COMMIT")  # another cursor: this one keeps its rows
 
 
 class _One:
