@@ -8,29 +8,57 @@ Registered as yoyo's ``postgresql+tenant`` scheme, so plain yoyo works on one te
 yoyo decides what to do (its own reading of the files, its prompts); every migration, mark and
 log row goes through the same engine as the invoke tasks (engine.py): a migration and its log row
 commit together under the schema's advisory lock, with the search path set for that transaction
-only. It also closes yoyo's traps for many schemas (see shared/YOYO-NOTES.md): the schema name is
-quoted, a schema that does not exist is an error rather than a fall-through to public, and there
+only. It also closes yoyo's traps for many schemas (see shared/YOYO-NOTES.md): the schema must be
+named and is quoted, a schema that does not exist is an error rather than a fall-through to
+public, reads write nothing (yoyo's own tables are read as they are, never converted), and there
 is no lock table (a session advisory lock dies with its session).
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import sys
 import time
 from contextlib import contextmanager
 
+import psycopg2
+from psycopg2 import extensions
 from yoyo import exceptions
 from yoyo.backends.core.postgresql import PostgresqlBackend
-from yoyo.migrations import Migration
+from yoyo.migrations import Migration, default_migration_table
 
 from . import log
+from .db import error_text
 from .engine import mark_schema, migrate_schema, server_options
-from .errors import MigrationFailed, NotReady
+from .errors import LockBusy, MigrationFailed, NotReady, TenantsError, UsageError
 from .loading import SqlMigration
 from .log import Log
+from .plan import drift
 from .results import RunOptions, SchemaResult
-from .session import Session, lock_key
+from .session import MessageFailed, Session, lock_key
 
 MAX_IDENTIFIER_BYTES = 63
+NO_SCHEMA = (
+    "postgresql+tenant needs the schema to migrate: add ?schema=<name> to the database URL, "
+    "e.g. ?schema=tid_cf4116b064 for a tenant, or ?schema=public for the master migrations"
+)
+#: What --migration-table (yoyo.ini's migration_table) may name: yoyo's default, or our log.
+LOG_NAMES = (default_migration_table, log.TABLE)
+#: Statements that open or end a transaction: sent as they are, never wrapped in one.
+TRANSACTION_CONTROL = re.compile(
+    r"\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE)\b", re.I
+)
+#: The other sessions holding a schema's advisory lock (at session or transaction level); the
+#: lock's 64-bit key is split over classid and objid.
+HOLDERS_SQL = (
+    "SELECT a.pid, coalesce(nullif(a.application_name, ''), 'no application name'), "
+    "to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ') "
+    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(:key, 0) "
+    "AND l.pid <> pg_backend_pid() ORDER BY a.backend_start"
+)
 
 
 def check_schema_name(name: str) -> str:
@@ -40,15 +68,33 @@ def check_schema_name(name: str) -> str:
     return name
 
 
+class MigrationError(MigrationFailed, psycopg2.DatabaseError):
+    """A migration failed and was rolled back: one of our errors and, as yoyo's API promises of
+    a failing migration, a DatabaseError of the driver."""
+
+
 class TenantBackend(PostgresqlBackend):
     """yoyo's PostgreSQL backend, confined to the schema named by the URI's ``schema`` argument."""
 
-    schema = "public"
     options = RunOptions()
+
+    def __init__(self, dburi, migration_table):
+        report_errors_in_one_line()
+        # Before connecting: a URL without its schema, or a second history, writes nothing.
+        if not dburi.args.get("schema"):
+            raise UsageError(NO_SCHEMA)
+        if migration_table not in LOG_NAMES:
+            raise UsageError(
+                f"postgresql+tenant keeps one log per schema, {log.TABLE}, which the invoke "
+                f"tasks read too: it keeps no separate history in {migration_table!r} (leave "
+                "out --migration-table, or migration_table in yoyo.ini)"
+            )
+        super().__init__(dburi, migration_table)
 
     def connect(self, dburi):
         connection = super().connect(dburi)  # takes "schema" out of the URI's arguments
-        self.schema = check_schema_name(self.schema or "public")
+        self.schema = check_schema_name(self.schema)
+        self.search_path = Session(connection, self.schema, self.options).search_path
         self._batch: int | None = None  # one batch for all yoyo applies in this process
         return connection
 
@@ -66,18 +112,21 @@ class TenantBackend(PostgresqlBackend):
     def init_connection(self, connection):
         pass  # the search path is set per transaction, never on the session
 
+    def cursor(self):
+        cursor = self.connection.cursor(cursor_factory=SchemaCursor)
+        cursor.search_path = self.search_path
+        return cursor
+
     def begin(self):
         # yoyo's own transactions see the schema too, for that transaction only.
         assert not self._in_transaction
         self._in_transaction = True
-        self.execute("BEGIN; SELECT set_config('search_path', :path, true)", {"path": self._path})
+        self.execute(
+            "BEGIN; SELECT set_config('search_path', :path, true)", {"path": self.search_path}
+        )
 
     def list_tables(self, **kwargs):
         return super(PostgresqlBackend, self).list_tables(schema=self.schema, **kwargs)
-
-    @property
-    def _path(self) -> str:
-        return Session(self.connection, self.schema, self.options).search_path
 
     # -- locking -------------------------------------------------------------------------------
 
@@ -94,7 +143,7 @@ class TenantBackend(PostgresqlBackend):
             "SELECT pg_try_advisory_lock(hashtextextended(:key, 0))", key
         ).fetchone()[0]:
             if time.monotonic() > deadline:
-                raise exceptions.LockTimeout(f"schema {self.schema} is locked by another run")
+                raise exceptions.LockTimeout(self._lock_message(self._holders(), timeout))
             time.sleep(0.1)
         self._is_locked = True
         try:
@@ -107,7 +156,25 @@ class TenantBackend(PostgresqlBackend):
         pass
 
     def break_lock(self):
-        pass  # advisory locks die with their session; there is nothing to break
+        """There is never a stale lock to break: the schema's advisory lock ends with the session
+        holding it, even a killed one. A lock held is a run still going, which is not ended
+        behind its back: LockBusy names its session, and how to end it if it must be."""
+        holders = self._holders()
+        if holders:
+            raise LockBusy(
+                f"{self._lock_message(holders)}: an advisory lock ends with its session, so it "
+                "is never stale; wait for that run, or end it with SELECT "
+                f"pg_terminate_backend({holders[0][0]})"
+            )
+
+    def _holders(self) -> list[tuple]:
+        return self.execute(HOLDERS_SQL, {"key": lock_key(self.schema)}).fetchall()
+
+    def _lock_message(self, holders: list[tuple], waited: float | None = None) -> str:
+        details = [f"waited {waited:g} s"] if waited is not None else []
+        details += [f"pid {pid}, {app}, connected {since}" for pid, app, since in holders]
+        text = f"schema {self.schema} is locked by another run"
+        return f"{text} ({'; '.join(details)})" if details else text
 
     # -- the log, through the engine -------------------------------------------------------------
 
@@ -115,16 +182,33 @@ class TenantBackend(PostgresqlBackend):
         pass  # the engine makes (or converts) the log table when it first writes to it
 
     def applied(self) -> Log:
-        """The schema's log, read under its lock; nothing is written, not even a log table."""
+        """The schema's log, read under its lock; nothing is written, not even a log table, and
+        yoyo's own tables (an old layout) are read as they are."""
         session = Session(self.connection, self.schema, self.options)
         session.begin(read=False)
         try:
             return session.read_log(create=False)
+        except MessageFailed as failed:
+            raise NotReady(f"cannot read the log of schema {self.schema}: {failed}") from None
         finally:
-            session.rollback()
+            if session.open:
+                session.rollback()
 
     def get_applied_migration_hashes(self):
         return [row.migration_hash for row in self.applied().applied]
+
+    def to_apply(self, migrations):
+        """What yoyo would apply, unless a migration applied here has changed since: the invoke
+        tasks refuse to migrate a schema with drift, and so does the yoyo command line."""
+        present = {m.hash for m in migrations}
+        applied = [row for row in self.applied().applied if row.migration_hash in present]
+        problems = drift(applied, migrations)
+        if problems:
+            raise NotReady(
+                f"drift in {self.schema}: {'; '.join(problems)} (restore the files, or accept "
+                "them with invoke repair)"
+            )
+        return super().to_apply(migrations)
 
     def apply_one(self, migration: Migration, force=False, mark=True):
         self._run(migration, "apply" if mark else log.HOOK)
@@ -142,8 +226,10 @@ class TenantBackend(PostgresqlBackend):
         self._writing()
         plan = _One(self._ours(migration), operation, self)
         result = migrate_schema(self.connection, plan, SchemaResult(self.schema), self.options)
+        if result.skipped:
+            raise LockBusy(str(result.failure))
         if result.failure:
-            raise MigrationFailed(migration.id, self.schema, str(result.failure))
+            raise MigrationError(migration.id, self.schema, str(result.failure))
 
     def mark_migrations(self, migrations):
         self._record(migrations, "mark")
@@ -177,8 +263,10 @@ class TenantBackend(PostgresqlBackend):
         return self._batch
 
     def _ours(self, migration: Migration) -> Migration:
-        """yoyo's reading of a .sql file, read again the engine's way (see loading.py)."""
+        """yoyo's reading of a .sql file, read again the engine's way (see loading.py); a Python
+        migration loaded, so that the engine knows whether it runs in a transaction."""
         if not migration.is_raw_sql() or isinstance(migration, SqlMigration):
+            migration.load()
             return migration
         ours = SqlMigration(migration.id, migration.path, migration.source_dir, self._public)
         ours.load()
@@ -187,6 +275,32 @@ class TenantBackend(PostgresqlBackend):
     @property
     def _public(self) -> bool:
         return self.schema == "public"
+
+
+class SchemaCursor(extensions.cursor):
+    """A cursor that sees its backend's schema outside yoyo's transactions too.
+
+    yoyo and its API's users read through ``backend.execute()`` and ``backend.cursor()`` with no
+    transaction open (the connection is in autocommit). Setting the search path on the session,
+    as yoyo does, would reach other clients of a transaction-pooling PgBouncer; so a statement
+    sent outside a transaction runs in a short one of its own, with the search path set for it
+    alone (``set_config(..., true)``), and commits as autocommit would have.
+    """
+
+    search_path = "public"
+
+    def execute(self, query, vars=None):
+        idle = self.connection.info.transaction_status == extensions.TRANSACTION_STATUS_IDLE
+        if not idle or (isinstance(query, str) and TRANSACTION_CONTROL.match(query)):
+            return super().execute(query, vars)
+        super().execute("BEGIN; SELECT set_config('search_path', %s, true)", (self.search_path,))
+        try:
+            super().execute(query, vars)
+        except BaseException:
+            with contextlib.suppress(psycopg2.Error):
+                self.connection.cursor().execute("ROLLBACK")
+            raise
+        self.connection.cursor().execute("COMMIT")  # another cursor: this one keeps its rows
 
 
 class _One:
@@ -206,3 +320,36 @@ class _One:
             self.batch = self.backend._next_batch(current)
             return [] if applied else [self.migration]
         return [self.migration] if applied else []
+
+
+# -- errors on yoyo's command line -----------------------------------------------------------------
+
+#: What yoyo's command line would show as a traceback, and we as one line.
+REPORTED = (TenantsError, exceptions.LockTimeout, psycopg2.Error)
+
+
+def report_errors_in_one_line() -> None:
+    """When yoyo's own command line is the program (``yoyo ...`` or ``python -m yoyo ...``),
+    make our errors end it as they end an invoke task: one ``error:`` line on stderr, exit 1.
+
+    yoyo's main() catches only its own InvalidArgument, so anything a backend raises ends the
+    command in a traceback, and yoyo gives a backend no other say in that. An exception hook is
+    the one way in, so it is installed only when yoyo's main is what runs: a program calling
+    yoyo's API (or yoyo's main from its own code) still gets the exceptions.
+    """
+    cli = sys.modules.get("yoyo.scripts.main")
+    program = sys.modules.get("__main__")
+    if cli is None or getattr(program, "main", None) is not cli.main:
+        return
+    if getattr(sys.excepthook, "yoyo_tenants", False):
+        return
+    shown = sys.excepthook
+
+    def hook(kind, exc, traceback):
+        if not isinstance(exc, REPORTED):
+            return shown(kind, exc, traceback)
+        text = str(exc) if isinstance(exc, TenantsError) else error_text(exc)
+        print(f"error: {' '.join(text.split())}", file=sys.stderr)
+
+    hook.yoyo_tenants = True
+    sys.excepthook = hook

@@ -78,6 +78,11 @@ LAYOUT_SQL = (
     "WHERE attrelid = to_regclass(%(log)s) AND attname = 'run' AND NOT attisdropped), "
     "to_regclass(%(old)s) IS NOT NULL"
 )
+#: yoyo's table of applied migrations (an old layout) as log rows, in yoyo's order.
+OLD_ROWS_SQL = sql.SQL(
+    "SELECT row_number() OVER (ORDER BY applied_at_utc, migration_id), migration_id, 'apply', "
+    "applied_at_utc, NULL::integer, NULL::text, NULL::bigint FROM {old}"
+)
 
 
 #: How the engine's own statements that are not DDL begin (those may share a message on Citus).
@@ -192,6 +197,8 @@ class Session:
         self._queue(self._mogrify(LAYOUT_SQL, names))
         self.flush()
         exists, has_run, old = self.cursor.fetchone()
+        if old and not create:
+            return self._read_old()
         if old and create:
             self._queue(self._text(log.upgrade_sql(self.schema)), alone=True)
         elif not exists and create:
@@ -203,6 +210,14 @@ class Session:
             self._queue(self._text(log.add_run_sql(self.schema)), alone=True)
         has_run = has_run or create
         self._queue(self._text(log.rows_sql(self.schema, has_run)))
+        self.flush()
+        return Log.from_rows(self.cursor.fetchall())
+
+    def _read_old(self) -> Log:
+        """What yoyo's tables say is applied, read as they are: only a run that writes converts
+        them (a read that did would leave plain yoyo unable to read its own schema)."""
+        old = sql.Identifier(self.schema, log.OLD_TABLE)
+        self._queue(self._text(OLD_ROWS_SQL.format(old=old)))
         self.flush()
         return Log.from_rows(self.cursor.fetchall())
 
