@@ -153,6 +153,14 @@ def postgres_with_tls() -> Path | None:
     return None
 
 
+def postgres_before(major: int) -> Path | None:
+    """The bin folder of a PostgreSQL older than `major` (Debian's), if one is installed."""
+    for bin_path in sorted(Path("/usr/lib/postgresql").glob("*/bin")):
+        if 0 <= _major(bin_path.parent.name) < major and (bin_path / "postgres").exists():
+            return bin_path
+    return None
+
+
 def _major(name: str) -> int:
     return int(name) if name.isdigit() else -1
 

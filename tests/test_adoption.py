@@ -20,8 +20,10 @@ from yoyo_tenants import (
 )
 from yoyo_tenants.errors import SchemaCollision, UsageError
 from yoyo_tenants.plan import Drift
+from yoyo_tenants.settings import Settings
 
-from .conftest import TENANT_IDS, applied_ids, query, tables, write_migration
+from . import servers
+from .conftest import TENANT_IDS, applied_ids, copy_migrations, query, tables, write_migration
 
 ADD = "20300101000000_add_nickname"
 ORGS = ["org_adopt1", "org_adopt2"]
@@ -175,6 +177,42 @@ def test_an_archived_tenant_comes_back_with_its_data_and_registry_row(project, d
     assert verify(project) == []
     with pytest.raises(SchemaCollision):  # once back, it cannot come back again
         restore_tenant(project, archive)
+
+
+OLD_BIN = servers.postgres_before(17)
+
+
+@pytest.mark.skipif(
+    OLD_BIN is None, reason="no PostgreSQL before 17 (Debian: apt-get install postgresql-15)"
+)
+def test_an_archive_restores_into_a_server_older_than_the_clients(tmp_path):
+    """The wheel's pg_restore 18 sets transaction_timeout, which PostgreSQL 15 and 16 refuse."""
+    copy_migrations(tmp_path)  # without pgvector, which Debian's server does not have
+    for path in [
+        *tmp_path.glob("migrations/master/*vector*"),
+        *tmp_path.glob("migrations/tenant/*chat*"),
+    ]:
+        path.unlink()
+    with servers.postgres(bin_path=OLD_BIN) as old:
+        params = {**old.socket_params(), "host": "127.0.0.1"}
+        project = Settings(
+            root=tmp_path,
+            connection=params,
+            master_dir=tmp_path / "migrations" / "master",
+            tenant_dir=tmp_path / "migrations" / "tenant",
+        )
+        migrate_master(project)
+        tenant = provision_tenant(project, "org_archived1").tenant
+        query(params, f"INSERT INTO {tenant.schema}.org_settings (key, value) VALUES ('a.b', '7')")
+        archive = tmp_path / "org_archived1.dump"
+        deprovision_tenant(project, "org_archived1", yes=True, archive=archive)
+
+        restore_tenant(project, archive)
+
+        assert query(params, "SHOW server_version_num")[0][0] < "170000"
+        assert query(params, f"SELECT value FROM {tenant.schema}.org_settings") == [(7,)]
+        assert query(params, "SELECT clerk_org_id FROM public.tenants") == [("org_archived1",)]
+        assert verify(project) == []
 
 
 # -- on the command line -------------------------------------------------------------------------

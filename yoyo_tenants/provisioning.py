@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -289,7 +290,7 @@ def restore_tenant(settings: Settings, archive: str | Path) -> Restored:
                 f"{archive} (nothing was restored)"
             )
         on_citus = citus.installed(cursor)
-        _pg_restore(params, archive, on_citus)
+        _pg_restore(params, archive, on_citus, connection.server_version)
         try:
             if on_citus:  # restored as a plain schema (see _pg_restore): now distributed
                 cursor.execute("SELECT citus_schema_distribute(%s::regnamespace)", (schema,))
@@ -337,19 +338,28 @@ def _columns(cursor) -> list[str]:
     return [name for (name,) in cursor.fetchall()]
 
 
-def _pg_restore(params: Mapping[str, str], archive: Path, on_citus: bool) -> None:
+def _pg_restore(params: Mapping[str, str], archive: Path, on_citus: bool, server: int) -> None:
     """pg_restore in one transaction. On Citus a new schema would be distributed as it is made,
     and Citus cannot then take the identity columns pg_dump adds with ALTER TABLE: the schema
     is restored as a plain one, and distributed afterwards."""
     options = {"PGOPTIONS": "-c citus.enable_schema_based_sharding=off"} if on_citus else {}
-    _run_client(
-        "pg_restore",
-        ["--single-transaction", "--exit-on-error", "--no-owner", f"--dbname={params['dbname']}",
-         str(archive)],
-        params,
-        f"restore {archive} (nothing was restored)",
-        options,
+    what = f"restore {archive} (nothing was restored)"
+    if server >= 170000:
+        args = ["--single-transaction", "--exit-on-error", "--no-owner",
+                f"--dbname={params['dbname']}", str(archive)]  # fmt: skip
+        _run_client("pg_restore", args, params, what, options)
+        return
+    # The wheel's pg_restore is newer than this server and sets transaction_timeout, which
+    # servers before 17 do not know (and their own pg_restore cannot read a newer archive):
+    # its script, without that one setting, goes through psql in one transaction instead.
+    script = _run_client("pg_restore", ["--no-owner", "--file=-", str(archive)], {}, what).stdout
+    script = "".join(
+        line for line in script.splitlines(keepends=True)
+        if not line.startswith("SET transaction_timeout")
     )  # fmt: skip
+    args = ["--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1",
+            f"--dbname={params['dbname']}", "--file=-"]  # fmt: skip
+    _run_client("psql", args, params, what, options, stdin=script)
 
 
 def dump_schema(params: Mapping[str, str], schema: str, path: Path) -> Path:
@@ -362,7 +372,14 @@ def dump_schema(params: Mapping[str, str], schema: str, path: Path) -> Path:
     return path
 
 
-def _run_client(program: str, args: list[str], params: Mapping[str, str], what: str, env=None):
+def _run_client(
+    program: str,
+    args: list[str],
+    params: Mapping[str, str],
+    what: str,
+    env: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+):
     """Run one of PostgreSQL's client programs; TenantsError naming `what` if it fails."""
     # Connection settings go through the environment, so the password is on no command line.
     env = {
@@ -372,14 +389,20 @@ def _run_client(program: str, args: list[str], params: Mapping[str, str], what: 
     }
     try:
         done = subprocess.run(
-            [_client(program), *args], env=env, capture_output=True, text=True, timeout=3600
+            [_client(program), *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=3600,
         )
     except OSError as exc:
         raise TenantsError(f"{program} could not run: {exc}") from None
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ["no output"]
-        reason = next((line for line in lines if "error:" in line), lines[-1])
-        raise TenantsError(f"could not {what}: {reason.split('error:', 1)[-1].strip()}")
+        reason = next((line for line in lines if "error:" in line.lower()), lines[-1])
+        reason = re.split("error:", reason, maxsplit=1, flags=re.IGNORECASE)[-1].strip()
+        raise TenantsError(f"could not {what}: {reason}")
     return done
 
 
