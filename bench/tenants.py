@@ -568,7 +568,9 @@ def with_log(
 
     def work(cursor, schema: str) -> None:
         log = f"{ident(schema)}._yoyo_log"
-        create_log = log_sql.create_sql(schema).as_string(cursor) + ";" if create else ""
+        create_log = (
+            "".join(s.as_string(cursor) + ";" for s in log_sql.create_sql(schema)) if create else ""
+        )
         cursor.execute(
             f"BEGIN;\nSELECT set_config('search_path', '{ident(schema)}, public', true), "
             f"pg_try_advisory_xact_lock(hashtextextended('{schema}', 0));\n{create_log}{body}"
@@ -1027,7 +1029,7 @@ class Bench:
             "status",
             f"invoke status, {self.n} at head",
             ["status"],
-            f"tenants: {self.n} ({self.n} at head)",
+            f"{self.n} at head:",
             LIST_REGISTRY,
         )
 
