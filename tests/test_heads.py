@@ -3,6 +3,8 @@ past what the logs say (a restore, plain yoyo, a hand-edited log)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from psycopg2 import sql
 
@@ -26,7 +28,11 @@ def add_nickname(settings) -> None:
 
 def log_reads(messages: list[str]) -> list[str]:
     """The messages that read some tenant's own log."""
-    return [m for m in messages if "._yoyo_log" in m.replace('"', "") and "tid_" in m]
+    return log_reads_of(messages, "tid_")
+
+
+def log_reads_of(messages: list[str], schema: str) -> list[str]:
+    return [m for m in messages if "._yoyo_log" in m.replace('"', "") and schema in m]
 
 
 @pytest.fixture
@@ -94,6 +100,34 @@ def test_a_tenant_restored_from_an_older_copy_is_read_whole_and_brought_to_head(
     assert run.schemas[0].migrations == [ADD]
     assert "nickname" in columns(db, tenant.schema, "org_users")
     assert verify(project) == []
+
+
+def test_a_schema_renamed_away_and_made_again_under_its_name_is_read_not_trusted(project):
+    """The index row names the old log by oid; that table now lives in another schema."""
+    migrate_master(project)
+    tenant = provision_tenant(project, ORGS[0]).tenant
+    query(project.connection, sql.SQL("ALTER SCHEMA {} RENAME TO kept_aside; CREATE SCHEMA {}")
+          .format(*[sql.Identifier(tenant.schema)] * 2))  # fmt: skip
+
+    run = migrate_tenants(project)
+
+    assert run.ok and run.schemas[0].migrations == TENANT_IDS
+    assert applied_ids(project.connection, tenant.schema) == TENANT_IDS
+
+
+def test_a_schema_whose_name_needs_quoting_is_judged_from_the_index(traced):
+    settings, log = traced
+    migrate_master(settings)
+    query(settings.connection, 'CREATE TABLE public.accounts (slug text); '
+          'INSERT INTO public.accounts VALUES (\'Acme\'); CREATE SCHEMA "Acme Corp"')  # fmt: skip
+    custom = replace(settings, tenants_query="SELECT slug, slug || ' Corp' FROM public.accounts")
+    assert migrate_tenants(custom).ok
+    log.mark()
+
+    run = migrate_tenants(custom)
+
+    assert run.ok and run.count("up to date") == 1
+    assert log_reads(log.messages()) == [] and log_reads_of(log.messages(), "Acme Corp") == []
 
 
 def test_plain_yoyo_tables_in_an_indexed_schema_are_noticed(project):
