@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 import warnings
@@ -159,6 +162,55 @@ def write_migration(directory: Path, migration_id: str, apply: str, rollback: st
     (directory / f"{migration_id}.sql").write_text(apply)
     if rollback is not None:
         (directory / f"{migration_id}.rollback.sql").write_text(rollback)
+
+
+#: A tenant migration after the shipped ones, with its rollback (see add_nickname).
+ADD_NICKNAME = "20300101000000_add_nickname"
+
+
+def add_nickname(settings) -> None:
+    write_migration(
+        settings.tenant_dir,
+        ADD_NICKNAME,
+        "ALTER TABLE org_users ADD COLUMN nickname TEXT;",
+        "ALTER TABLE org_users DROP COLUMN nickname;",
+    )
+
+
+# -- the command line, as a user runs it ----------------------------------------------------------
+
+
+def user_env(params=None, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell: the test process's without its database settings,
+    then DB_* naming `params` (libpq parameters) if given, then `extra`. This checkout's package
+    comes first on the path, whatever pip installed."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DB_", "YOYO_TENANTS_")) and k != "DATABASE_URL"
+    }
+    env["PYTHONPATH"] = str(REPO)
+    if params:
+        env.update(
+            DB_HOST=params["host"],
+            DB_PORT=str(params["port"]),
+            DB_USER=params["user"],
+            DB_NAME=params.get("dbname", "postgres"),
+        )
+    env.update(extra)
+    return env
+
+
+def run_invoke(cwd, *args: str, env: dict[str, str], timeout: float = 120):
+    """`invoke ARGS` in `cwd`, its output captured (not a terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -- a server that logs every message it receives --------------------------------------------------

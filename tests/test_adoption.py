@@ -4,6 +4,7 @@ the tasks."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -23,7 +24,17 @@ from yoyo_tenants.plan import Drift
 from yoyo_tenants.settings import Settings
 
 from . import servers
-from .conftest import TENANT_IDS, applied_ids, copy_migrations, query, tables, write_migration
+from .conftest import (
+    REPO,
+    TENANT_IDS,
+    applied_ids,
+    copy_migrations,
+    query,
+    run_invoke,
+    tables,
+    user_env,
+    write_migration,
+)
 
 ADD = "20300101000000_add_nickname"
 ORGS = ["org_adopt1", "org_adopt2"]
@@ -220,21 +231,8 @@ def test_an_archive_restores_into_a_server_older_than_the_clients(tmp_path):
 
 def cli(project, *args):
     """`invoke <args>` in the project's folder, on its database."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from .conftest import REPO
-
     shutil.copy(REPO / "tasks.py", project.root / "tasks.py")
-    params = project.connection
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "YOYO_TENANTS_"))}
-    env.pop("DATABASE_URL", None)
-    env.update(DB_HOST=params["host"], DB_PORT=str(params["port"]), DB_USER=params["user"],
-               DB_NAME=params["dbname"], PYTHONPATH=str(REPO))  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=project.root, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return run_invoke(project.root, *args, env=user_env(project.connection))
 
 
 def test_repair_restore_and_a_report_path_on_the_command_line(project, database, fleet, tmp_path):

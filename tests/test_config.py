@@ -3,9 +3,6 @@ query, every key optional, anything else refused."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,15 @@ from yoyo_tenants import make_migration, migrate_master, provision_tenant, schem
 from yoyo_tenants.errors import ConfigError
 from yoyo_tenants.settings import Settings
 
-from .conftest import MASTER_IDS, REPO, TENANT_IDS, applied_ids, copy_migrations
+from .conftest import (
+    MASTER_IDS,
+    REPO,
+    TENANT_IDS,
+    applied_ids,
+    copy_migrations,
+    run_invoke,
+    user_env,
+)
 
 TABLE = "pyproject.toml [tool.yoyo-tenants]"
 
@@ -153,16 +158,8 @@ def test_a_pyproject_that_cannot_be_read_is_a_config_error(tmp_path, content, sa
 def test_invoke_stops_at_a_wrong_value_with_one_line_and_exit_2(tmp_path):
     (tmp_path / "tasks.py").write_text((REPO / "tasks.py").read_text())
     project(tmp_path, "[tool.yoyo-tenants]\ntenant-migrations = 1\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "DATABASE_URL"}
 
-    done = subprocess.run(
-        [sys.executable, "-m", "invoke", "make-tenant", "add_column"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_invoke(tmp_path, "make-tenant", "add_column", env=user_env())
 
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"error: {TABLE} tenant-migrations must be a string\n"

@@ -29,10 +29,12 @@ from yoyo_tenants.results import RunOptions, SchemaResult
 from yoyo_tenants.runner import scan
 
 from .conftest import (
+    ADD_NICKNAME,
     TENANT_IDS,
     TENANT_TABLES,
     YOYO_TABLES,
     Admin,
+    add_nickname,
     applied_ids,
     columns,
     query,
@@ -40,16 +42,7 @@ from .conftest import (
     write_migration,
 )
 
-ADD = "20300101000000_add_nickname"
-
-
-def add_nickname(settings) -> None:
-    write_migration(
-        settings.tenant_dir,
-        ADD,
-        "ALTER TABLE org_users ADD COLUMN nickname TEXT;",
-        "ALTER TABLE org_users DROP COLUMN nickname;",
-    )
+ADD = ADD_NICKNAME
 
 
 def params(settings) -> dict:

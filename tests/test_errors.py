@@ -3,11 +3,8 @@ no traceback, never a password."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -23,43 +20,13 @@ from .conftest import (
     applied_ids,
     copy_migrations,
     query,
+    run_invoke,
     tables,
+    user_env,
     write_migration,
 )
 
 ORG = "org_2abc123def456"
-
-
-def invoke(cwd, *args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def base_env() -> dict[str, str]:
-    """The test process's environment without any database settings."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DB_", "YOYO_TENANTS_")) and k != "DATABASE_URL"
-    }
-
-
-def env_for(params, **overrides) -> dict[str, str]:
-    env = base_env()
-    env.update(
-        DB_HOST=params["host"],
-        DB_PORT=str(params["port"]),
-        DB_USER=params["user"],
-        DB_NAME=params.get("dbname", "postgres"),
-    )
-    env.update(overrides)
-    return env
 
 
 def closed_port() -> int:
@@ -97,9 +64,9 @@ def cli_project(project):
 
 def test_an_unreachable_server_is_one_error_line_and_exit_1(cli):
     port = closed_port()
-    env = env_for({"host": "127.0.0.1", "port": port, "user": "postgres"})
+    env = user_env({"host": "127.0.0.1", "port": port, "user": "postgres"})
 
-    done = invoke(cli, "migrate-master", env=env)
+    done = run_invoke(cli, "migrate-master", env=env)
 
     assert done.returncode == 1
     line = assert_one_error_line(done)
@@ -109,9 +76,9 @@ def test_an_unreachable_server_is_one_error_line_and_exit_1(cli):
 
 
 def test_a_missing_database_is_a_clear_error(cli, server):
-    env = env_for(server, DB_NAME="no_such_database_here")
+    env = user_env(server, DB_NAME="no_such_database_here")
 
-    done = invoke(cli, "migrate-master", env=env)
+    done = run_invoke(cli, "migrate-master", env=env)
 
     assert done.returncode == 1
     line = assert_one_error_line(done)
@@ -149,9 +116,9 @@ def test_a_wrong_password_is_one_error_line_that_never_shows_the_password(
 ):
     role, _ = scram_role
     wrong = f"Wrong-{uuid.uuid4().hex}"
-    env = env_for(database, DB_USER=role, DB_PASSWORD=wrong)
+    env = user_env(database, DB_USER=role, DB_PASSWORD=wrong)
 
-    done = invoke(cli, "migrate-master", env=env)
+    done = run_invoke(cli, "migrate-master", env=env)
 
     assert done.returncode == 1
     line = assert_one_error_line(done)
@@ -169,10 +136,10 @@ def test_a_wrong_password_in_database_url_never_shows_the_password(cli, database
         f"postgresql://{role}:{wrong}@/{database['dbname']}"
         f"?host={database['host']}&port={database['port']}"
     )
-    env = base_env()
+    env = user_env()
     env["DATABASE_URL"] = url
 
-    done = invoke(cli, "status", env=env)
+    done = run_invoke(cli, "status", env=env)
 
     assert done.returncode == 1
     line = assert_one_error_line(done)
@@ -183,9 +150,9 @@ def test_a_wrong_password_in_database_url_never_shows_the_password(cli, database
 def test_the_right_password_connects(cli, database, scram_role):
     """The control for the wrong-password tests: the role and the hba line do work."""
     role, password = scram_role
-    env = env_for(database, DB_USER=role, DB_PASSWORD=password)
+    env = user_env(database, DB_USER=role, DB_PASSWORD=password)
 
-    done = invoke(cli, "status", env=env)
+    done = run_invoke(cli, "status", env=env)
 
     assert done.returncode == 0, done.stderr
     assert password not in done.stdout + done.stderr
@@ -194,13 +161,13 @@ def test_the_right_password_connects(cli, database, scram_role):
 def test_a_missing_ssl_cert_file_is_a_config_error_before_connecting(cli):
     missing = cli / "certs" / "missing-ca.pem"
     port = closed_port()  # would be "cannot connect" if it got as far as connecting
-    env = env_for(
+    env = user_env(
         {"host": "127.0.0.1", "port": port, "user": "postgres"},
         DB_SSL="true",
         DB_SSL_CERT_PATH=str(missing),
     )
 
-    done = invoke(cli, "migrate-master", env=env)
+    done = run_invoke(cli, "migrate-master", env=env)
 
     assert done.returncode == 2
     line = assert_one_error_line(done)
@@ -210,8 +177,8 @@ def test_a_missing_ssl_cert_file_is_a_config_error_before_connecting(cli):
 
 
 def test_a_bad_db_port_is_a_config_error(cli):
-    env = env_for({"host": "127.0.0.1", "port": "fivefourthreetwo", "user": "postgres"})
-    done = invoke(cli, "status", env=env)
+    env = user_env({"host": "127.0.0.1", "port": "fivefourthreetwo", "user": "postgres"})
+    done = run_invoke(cli, "status", env=env)
     assert done.returncode == 2
     assert "DB_PORT" in assert_one_error_line(done)
 
@@ -223,7 +190,7 @@ def test_provision_tenant_with_a_bad_org_id_exits_2_with_one_line(cli_project):
     db = cli_project.connection
     assert migrate_master(cli_project).ok
 
-    done = invoke(cli_project.root, "provision-tenant", "bad", env=env_for(db))
+    done = run_invoke(cli_project.root, "provision-tenant", "bad", env=user_env(db))
 
     assert done.returncode == 2
     line = assert_one_error_line(done)
@@ -235,7 +202,7 @@ def test_provision_tenant_with_a_bad_org_id_exits_2_with_one_line(cli_project):
 def test_make_tenant_with_a_bad_name_exits_2_and_creates_nothing(cli):
     before = sorted(p.name for p in (cli / "migrations" / "tenant").iterdir())
 
-    done = invoke(cli, "make-tenant", "a b", env=base_env())
+    done = run_invoke(cli, "make-tenant", "a b", env=user_env())
 
     assert done.returncode == 2
     line = assert_one_error_line(done)
@@ -259,7 +226,7 @@ def test_a_bad_number_flag_exits_2_with_one_line(cli_project, args):
     assert migrate_master(cli_project).ok
     provision_tenant(cli_project, ORG)
 
-    done = invoke(cli_project.root, *args, env=env_for(db))
+    done = run_invoke(cli_project.root, *args, env=user_env(db))
 
     assert done.returncode == 2
     line = assert_one_error_line(done)
@@ -272,7 +239,9 @@ def test_migrate_tenants_for_an_unknown_tenant_is_a_clear_error(cli_project):
     assert migrate_master(cli_project).ok
     provision_tenant(cli_project, ORG)
 
-    done = invoke(cli_project.root, "migrate-tenants", "--tenant", "org_unknown1", env=env_for(db))
+    done = run_invoke(
+        cli_project.root, "migrate-tenants", "--tenant", "org_unknown1", env=user_env(db)
+    )
 
     assert done.returncode != 0
     line = assert_one_error_line(done)
@@ -282,7 +251,7 @@ def test_migrate_tenants_for_an_unknown_tenant_is_a_clear_error(cli_project):
 
 
 def test_migrate_tenants_before_migrate_master_says_to_run_it(cli_project):
-    done = invoke(cli_project.root, "migrate-tenants", env=env_for(cli_project.connection))
+    done = run_invoke(cli_project.root, "migrate-tenants", env=user_env(cli_project.connection))
     assert done.returncode == 1
     assert "migrate-master" in assert_one_error_line(done)
 
@@ -309,7 +278,7 @@ def test_a_failing_tenant_migration_exits_1_names_it_and_rolls_back_its_schema(c
         db, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, "_yoyo_log"))
     )
 
-    done = invoke(cli_project.root, "migrate-tenants", env=env_for(db, COLUMNS="200"))
+    done = run_invoke(cli_project.root, "migrate-tenants", env=user_env(db, COLUMNS="200"))
 
     # the schema's transaction rolled back: no mark, no log row, none of the partial DDL
     assert applied_ids(db, schema) == TENANT_IDS
@@ -344,10 +313,10 @@ def test_a_failing_tenant_migration_is_named_at_the_default_terminal_width(cli_p
     assert migrate_master(cli_project).ok
     provision_tenant(cli_project, ORG)
     write_migration(cli_project.tenant_dir, BROKEN, "SELECT no_such_function();\n")
-    env = env_for(db)
+    env = user_env(db)
     env.pop("COLUMNS", None)
 
-    done = invoke(cli_project.root, "migrate-tenants", env=env)
+    done = run_invoke(cli_project.root, "migrate-tenants", env=env)
 
     assert done.returncode == 1
     output = done.stdout + done.stderr

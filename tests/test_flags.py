@@ -6,10 +6,8 @@ them; the command line itself is run only where it is what is tested."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from invoke import Program
@@ -17,7 +15,7 @@ from invoke import Program
 from yoyo_tenants import commands
 from yoyo_tenants.tasks import ns
 
-from .conftest import REPO, applied_ids, copy_migrations
+from .conftest import REPO, applied_ids, copy_migrations, run_invoke, user_env
 from .test_output import register
 from .test_scale import Scale
 
@@ -76,15 +74,7 @@ def test_help_shows_numeric_options_as_numbers_and_every_valued_option_with_its_
 
 
 def cli(cwd, *args, env=None) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "DATABASE_URL"}
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=cwd,
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_invoke(cwd, *args, env=user_env(**(env or {})), timeout=60)
 
 
 @pytest.fixture

@@ -11,19 +11,17 @@ from psycopg2 import sql
 from yoyo_tenants import commands as commands_module
 from yoyo_tenants import heads, migrate_master, migrate_tenants, provision_tenant, verify
 
-from .conftest import TENANT_IDS, applied_ids, columns, query, write_migration
+from .conftest import (
+    ADD_NICKNAME,
+    TENANT_IDS,
+    add_nickname,
+    applied_ids,
+    columns,
+    query,
+)
 
-ADD = "20300101000000_add_nickname"
+ADD = ADD_NICKNAME
 ORGS = [f"org_heads{i}" for i in range(6)]
-
-
-def add_nickname(settings) -> None:
-    write_migration(
-        settings.tenant_dir,
-        ADD,
-        "ALTER TABLE org_users ADD COLUMN nickname TEXT;",
-        "ALTER TABLE org_users DROP COLUMN nickname;",
-    )
 
 
 def log_reads(messages: list[str]) -> list[str]:

@@ -40,7 +40,9 @@ from .conftest import (
     copy_migrations,
     new_database,
     query,
+    run_invoke,
     tables,
+    user_env,
     write_migration,
 )
 
@@ -573,26 +575,7 @@ def test_a_failure_inside_a_non_transactional_migrations_own_transaction_stays_w
 
 
 def invoke(cwd: Path, *args: str, params) -> subprocess.CompletedProcess:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DB_", "YOYO_TENANTS_")) and k != "DATABASE_URL"
-    }
-    env.update(
-        DB_HOST=params["host"],
-        DB_PORT=str(params["port"]),
-        DB_USER=params["user"],
-        DB_NAME=params["dbname"],
-        PYTHONPATH=str(REPO),  # this checkout's package, whatever pip installed
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_invoke(cwd, *args, env=user_env(params))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ import io
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 from psycopg2 import sql
@@ -19,7 +18,7 @@ from rich.console import Console
 from yoyo_tenants import commands, report
 from yoyo_tenants.registry import Tenant, schema_for
 
-from .conftest import REPO, applied_ids
+from .conftest import REPO, applied_ids, run_invoke
 from .test_scale import Scale, _query
 
 JOBS = "2"
@@ -34,14 +33,7 @@ def invoke(scale: Scale, *args: str, columns: str | None = "300") -> subprocess.
     env.pop("COLUMNS")
     if columns is not None:
         env["COLUMNS"] = columns
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=scale.settings.root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_invoke(scale.settings.root, *args, env=env)
 
 
 def register(scale: Scale, orgs: list[str]) -> list[Tenant]:

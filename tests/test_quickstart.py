@@ -2,20 +2,12 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
 import psycopg2
 
 from yoyo_tenants import embedded, schema_for
 
-from .conftest import REPO, applied_ids, copy_migrations, tables
-
-
-def invoke(cwd, *args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
+from .conftest import REPO, applied_ids, copy_migrations, run_invoke, tables
 
 
 def test_quick_start_on_the_embedded_database(tmp_path):
@@ -30,7 +22,7 @@ def test_quick_start_on_the_embedded_database(tmp_path):
             ("make-tenant", "add_column"),
         ]
         for step in steps:
-            done = invoke(tmp_path, *step, env=env)
+            done = run_invoke(tmp_path, *step, env=env)
             assert done.returncode == 0, done.stderr
         new_sql = next((tmp_path / "migrations" / "tenant").glob("*_add_column.sql"))
         assert str(new_sql) in done.stdout
@@ -43,24 +35,24 @@ def test_quick_start_on_the_embedded_database(tmp_path):
         params = embedded.ensure_running(tmp_path / ".yoyo-tenants")
         schema = schema_for(org)
 
-        done = invoke(tmp_path, "migrate-tenants", env=env)
+        done = run_invoke(tmp_path, "migrate-tenants", env=env)
         assert done.returncode == 0, done.stderr
         assert applied_ids(params, schema)[-1] == new_sql.stem
         assert "nickname" in _columns(params, schema)
 
-        done = invoke(tmp_path, "rollback-tenants", env=env)
+        done = run_invoke(tmp_path, "rollback-tenants", env=env)
         assert done.returncode == 0, done.stderr
         assert new_sql.stem not in applied_ids(params, schema)
         assert "nickname" not in _columns(params, schema)
         assert new_sql.stem in done.stdout
 
-        done = invoke(tmp_path, "status", "--all", env=env)
+        done = run_invoke(tmp_path, "status", "--all", env=env)
         assert done.returncode == 0, done.stderr
         assert "behind by 1" in done.stdout
         assert {"tenants", "focus_areas", "coaching_categories"} <= tables(params, "public")
         assert {"org_users", "org_settings", "chat_messages"} <= tables(params, schema)
     finally:
-        invoke(tmp_path, "db", "--stop", env=env)
+        run_invoke(tmp_path, "db", "--stop", env=env)
     assert not (tmp_path / ".yoyo-tenants" / "pgdata" / "postmaster.pid").exists()
 
 
@@ -90,7 +82,7 @@ def test_the_commands_use_the_server_configured_in_dotenv(tmp_path, database):
         ("status",),
         ("rollback-tenants", "--yes"),
     ]:
-        done = invoke(tmp_path, *step, env=env)
+        done = run_invoke(tmp_path, *step, env=env)
         assert done.returncode == 0, (step, done.stderr)
     schema = schema_for(org)
     assert {"tenants", "focus_areas", "coaching_categories"} <= tables(database, "public")

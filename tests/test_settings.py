@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,7 +19,7 @@ from yoyo_tenants.errors import ConfigError, ConnectionFailed
 from yoyo_tenants.settings import Settings, connection_params, describe
 
 from . import servers
-from .conftest import REPO, Admin, applied_ids, tables
+from .conftest import REPO, Admin, applied_ids, run_invoke, tables, user_env
 
 BASE = {"DB_HOST": "db.example.com", "DB_USER": "app", "DB_NAME": "coaching"}
 SECRET = "s3cr3t-Pa55word"
@@ -379,15 +377,7 @@ def test_the_example_dotenv_copied_as_is_keeps_the_embedded_database(tmp_path):
 
 
 def invoke(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "DATABASE_URL"}
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_invoke(cwd, *args, env=user_env())
 
 
 @pytest.mark.parametrize(

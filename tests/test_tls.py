@@ -20,8 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from yoyo_tenants.errors import ConnectionFailed
 from yoyo_tenants.settings import Settings
 
 from . import servers
-from .conftest import REPO, copy_migrations, new_database, tables
+from .conftest import REPO, copy_migrations, new_database, run_invoke, tables, user_env
 
 needs_pgbouncer = pytest.mark.skipif(
     shutil.which("pgbouncer") is None,
@@ -247,20 +245,9 @@ def test_no_tls_against_a_tls_only_server_is_refused(tls, certs, dbname, project
 )
 def test_invoke_reports_a_refused_connection_in_one_line(tls, certs, dbname, project, case, reason):
     extra = {"DB_SSL": "false"} if case == "no TLS" else {}
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("DB_", "PG")) and key != "DATABASE_URL"
-    }
+    env = {k: v for k, v in user_env().items() if not k.startswith("PG")}
     env.update(db_env(tls.port, dbname, certs.other_ca, **extra))
-    done = subprocess.run(
-        [sys.executable, "-m", "invoke", "migrate-master"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_invoke(project, "migrate-master", env=env, timeout=60)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -262,7 +262,6 @@ def _run(
     connection = connect(params)
     try:
         cursor = connection.cursor()
-        options = server_options(connection, options, settings.citus)
         states = scan(cursor, [t.schema for t in tenants], index)
         plan = plans(states, cursor)
         if dry_run:
@@ -283,7 +282,7 @@ def _run(
                 work.append(result)
             else:
                 idle[t.schema] = result
-        if work:
+        if work:  # the server is checked, and Citus detected, only for a run that writes
             options = server_options(connection, options, settings.citus, write=True)
             options = replace(options, run=runs.start(cursor, command))
     finally:

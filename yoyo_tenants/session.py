@@ -169,7 +169,7 @@ class Session:
         assert not self.open
         self.open, self.ran, self.base, self._batch = True, [], Log([]), None
         self._indexed = True
-        self._queue(self._mogrify(BEGIN_SQL, self._session_params()))
+        self._queue(self._mogrify(BEGIN_SQL, self.params()))
         for statement in prelude:
             text = self._text(statement)
             self._queue(text, alone=not text.lstrip().upper().startswith(QUERIES))
@@ -405,7 +405,8 @@ class Session:
     def _mogrify(self, statement, params) -> str:
         return self.cursor.mogrify(statement, params).decode(_encoding(self.connection))
 
-    def _session_params(self) -> dict[str, str]:
+    def params(self) -> dict[str, str]:
+        """The schema's search path, lock key and timeouts, as statements take them."""
         return {
             "search_path": self.search_path,
             "key": lock_key(self.schema),
@@ -425,10 +426,6 @@ class Session:
         its file and line if it fails."""
         self._parts.append(_Part(text, migration, script, offset, alone=True))
         self.flush()
-
-    def params(self) -> dict[str, str]:
-        """The schema's search path, lock key and timeouts, as statements take them."""
-        return self._session_params()
 
 
 #: Quoted values of log rows, by (migration id, operation, batch, checksum, run) and encoding.
