@@ -19,7 +19,7 @@ from yoyo_tenants import (
     status,
     verify,
 )
-from yoyo_tenants.errors import SchemaCollision, UsageError
+from yoyo_tenants.errors import SchemaCollision, TenantsError, UsageError
 from yoyo_tenants.plan import Drift
 from yoyo_tenants.settings import Settings
 
@@ -190,6 +190,51 @@ def test_an_archived_tenant_comes_back_with_its_data_and_registry_row(project, d
         restore_tenant(project, archive)
 
 
+def test_an_archive_is_not_restored_over_a_schema_of_its_name_or_an_org_of_its_id(
+    project, database, tmp_path
+):
+    migrate_master(project)
+    tenant = provision_tenant(project, "org_archived1").tenant
+    archive = tmp_path / "org_archived1.dump"
+    assert deprovision_tenant(project, "org_archived1", yes=True, archive=archive).dropped
+    query(database, f"CREATE SCHEMA {tenant.schema}")  # someone else's, unregistered
+
+    with pytest.raises(SchemaCollision, match="nothing was restored"):
+        restore_tenant(project, archive)
+
+    assert tables(database, tenant.schema) == set()
+    assert query(database, "SELECT count(*) FROM public.tenants") == [(0,)]
+
+    query(database, f"DROP SCHEMA {tenant.schema}")
+    # The org registered again meanwhile, with another schema.
+    query(database, "INSERT INTO public.tenants (clerk_org_id, schema_name) "
+          "VALUES ('org_archived1', 'tid_0000000000')")  # fmt: skip
+
+    with pytest.raises(SchemaCollision, match="nothing was restored"):
+        restore_tenant(project, archive)
+
+    assert query(database, "SELECT to_regnamespace(%s)", (tenant.schema,)) == [(None,)]
+    assert query(database, "SELECT schema_name FROM public.tenants") == [("tid_0000000000",)]
+
+
+def test_an_archive_whose_registry_row_is_refused_leaves_no_schema_behind(
+    project, database, tmp_path
+):
+    migrate_master(project)
+    tenant = provision_tenant(project, "org_archived1").tenant
+    archive = tmp_path / "org_archived1.dump"
+    assert deprovision_tenant(project, "org_archived1", yes=True, archive=archive).dropped
+    # The registry gained a required column since: the archived row has no value for it.
+    query(database, "ALTER TABLE public.tenants ADD COLUMN region TEXT NOT NULL DEFAULT 'eu'; "
+          "ALTER TABLE public.tenants ALTER COLUMN region DROP DEFAULT")  # fmt: skip
+
+    with pytest.raises(TenantsError, match="its registry row was refused"):
+        restore_tenant(project, archive)
+
+    assert query(database, "SELECT to_regnamespace(%s)", (tenant.schema,)) == [(None,)]
+    assert query(database, "SELECT count(*) FROM public.tenants") == [(0,)]
+
+
 OLD_BIN = servers.postgres_before(17)
 
 
@@ -224,6 +269,44 @@ def test_an_archive_restores_into_a_server_older_than_the_clients(tmp_path):
         assert query(params, f"SELECT value FROM {tenant.schema}.org_settings") == [(7,)]
         assert query(params, "SELECT clerk_org_id FROM public.tenants") == [("org_archived1",)]
         assert verify(project) == []
+
+
+@pytest.mark.skipif(
+    OLD_BIN is None, reason="no PostgreSQL before 17 (Debian: apt-get install postgresql-15)"
+)
+def test_a_restore_into_a_server_older_than_the_clients_that_fails_part_way_leaves_nothing(
+    project, database, tmp_path
+):
+    """The archive's org_settings needs a type of public's the older server does not have: its
+    restore fails after the schema and other tables were made, and takes them back with it."""
+    migrate_master(project)
+    tenant = provision_tenant(project, "org_archived1").tenant
+    query(database, "CREATE TYPE public.mood AS ENUM ('fine'); "
+          f"ALTER TABLE {tenant.schema}.org_settings ADD COLUMN mood public.mood")  # fmt: skip
+    archive = tmp_path / "org_archived1.dump"
+    assert deprovision_tenant(project, "org_archived1", yes=True, archive=archive).dropped
+    old_root = tmp_path / "old"
+    copy_migrations(old_root)
+    for path in [
+        *old_root.glob("migrations/master/*vector*"),
+        *old_root.glob("migrations/tenant/*chat*"),
+    ]:
+        path.unlink()
+    with servers.postgres(bin_path=OLD_BIN) as old:
+        params = {**old.socket_params(), "host": "127.0.0.1"}
+        settings = Settings(
+            root=old_root,
+            connection=params,
+            master_dir=old_root / "migrations" / "master",
+            tenant_dir=old_root / "migrations" / "tenant",
+        )
+        assert migrate_master(settings).ok
+
+        with pytest.raises(TenantsError, match="nothing was restored"):
+            restore_tenant(settings, archive)
+
+        assert query(params, "SELECT to_regnamespace(%s)", (tenant.schema,)) == [(None,)]
+        assert query(params, "SELECT count(*) FROM public.tenants") == [(0,)]
 
 
 # -- on the command line -------------------------------------------------------------------------

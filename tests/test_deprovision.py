@@ -63,3 +63,15 @@ def test_failed_archive_drops_nothing(project, database, tenant, tmp_path):
             project, tenant.org_id, yes=True, archive=tmp_path / "no-such-dir" / "x.dump"
         )
     assert schema_exists(database, tenant.schema) and registered(database, tenant.org_id)
+
+
+def test_failed_archive_leaves_the_schemas_comment_as_it_was(project, database, tenant, tmp_path):
+    # The archive carries the registry row in the schema's comment while pg_dump runs.
+    query(database, f"COMMENT ON SCHEMA {tenant.schema} IS 'the comment it had'")
+    with pytest.raises(TenantsError, match="pg_dump failed, nothing was dropped"):
+        deprovision_tenant(
+            project, tenant.org_id, yes=True, archive=tmp_path / "no-such-dir" / "x.dump"
+        )
+    comment = query(database, "SELECT obj_description(%s::regnamespace, 'pg_namespace')",
+                    (tenant.schema,))  # fmt: skip
+    assert comment == [("the comment it had",)]

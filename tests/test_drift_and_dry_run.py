@@ -1,5 +1,8 @@
 """Drift between files and what schemas recorded, `verify`, and dry runs that change nothing."""
 
+import os
+import time
+
 import pytest
 
 from yoyo_tenants import (
@@ -72,6 +75,43 @@ def test_migrate_refuses_a_drifted_schema_unless_allowed(project, database, tena
     run = migrate_tenants(project, allow_drift=True)
     assert run.ok
     assert all(applied_ids(database, t.schema)[-1] == "20300101000000_add_x" for t in tenants)
+
+
+def test_a_program_that_migrates_twice_may_allow_drift_the_second_time(project, database, tenants):
+    """A long-lived program keeps its migration folders read (their files are old enough to be
+    trusted): what one call worked out without --allow-drift is not what a call with it gets."""
+    edited = project.tenant_dir / "20250101000000_create_org_users.sql"
+    edited.write_text(edited.read_text().replace("avatar_url TEXT", "avatar TEXT"))
+    write_migration(project.tenant_dir, "20300101000000_add_x", "CREATE TABLE x (i int);", "")
+    past = time.time() - 60
+    for path in project.tenant_dir.iterdir():
+        os.utime(path, (past, past))
+
+    assert migrate_tenants(project).count("failed") == 2
+    run = migrate_tenants(project, allow_drift=True)
+
+    assert run.ok, run.failed
+    assert all(applied_ids(database, t.schema)[-1] == "20300101000000_add_x" for t in tenants)
+
+
+def test_tenants_that_applied_other_versions_of_the_same_files_are_judged_each_by_its_own(
+    project, database, tenants
+):
+    """Two tenants applied a file before it was edited, a third after (provisioned with
+    --allow-drift): the same migration ids, other checksums, so a drift for two of them only."""
+    edited = project.tenant_dir / "20250101000000_create_org_users.sql"
+    edited.write_text(edited.read_text().replace("avatar_url TEXT", "avatar TEXT"))
+    late = provision_tenant(project, "org_drift3", allow_drift=True).tenant
+    write_migration(project.tenant_dir, "20300101000000_add_x", "CREATE TABLE x (i int);", "")
+
+    run = migrate_tenants(project)
+
+    by_schema = {r.schema: r for r in run.schemas}
+    assert by_schema[late.schema].migrations == ["20300101000000_add_x"]
+    for tenant in tenants:
+        assert "drift" in str(by_schema[tenant.schema].failure)
+        assert "20300101000000_add_x" not in applied_ids(database, tenant.schema)
+    assert applied_ids(database, late.schema)[-1] == "20300101000000_add_x"
 
 
 def test_deleted_migration_file_is_drift(project, database, tenants):

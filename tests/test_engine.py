@@ -513,6 +513,41 @@ def test_a_python_migration_applies_and_rolls_back_in_its_tenants_transaction(
     assert "py_notes" not in tables(database, tenant.schema)
 
 
+def test_rows_a_python_migrations_sql_step_returns_are_not_printed(
+    project, database, tenant, capsys
+):
+    # yoyo prints a step's result rows to stdout: over a thousand tenants, a thousand tables.
+    (project.tenant_dir / "20300101000100_python.py").write_text(
+        "from yoyo import step\nsteps = [step(\"SELECT 'a row yoyo would print' AS said\")]\n"
+    )
+
+    run = migrate_tenants(project)
+
+    assert run.ok, run.failed
+    assert run.schemas[0].migrations == [ADD, "20300101000100_python"]
+    assert "a row yoyo would print" not in capsys.readouterr().out
+
+
+def test_a_python_migrations_step_whose_errors_are_ignored_leaves_its_transaction_usable(
+    project, database, tenant
+):
+    # yoyo runs each step in a nested transaction: a failing step it was told to ignore is
+    # rolled back to there, and the steps after it run.
+    (project.tenant_dir / "20300101000100_python.py").write_text(
+        "from yoyo import step\n"
+        "steps = [\n"
+        "    step('SELECT 1 / 0', ignore_errors='apply'),\n"
+        "    step('CREATE TABLE after_the_error (i int)'),\n"
+        "]\n"
+    )
+
+    run = migrate_tenants(project)
+
+    assert run.ok, run.failed
+    assert run.schemas[0].migrations == [ADD, "20300101000100_python"]
+    assert "after_the_error" in tables(database, tenant.schema)
+
+
 def test_a_schema_held_by_another_session_is_waited_for_with_lock_wait_not_lock_timeout(
     project, database, tenant
 ):

@@ -184,3 +184,66 @@ def test_an_index_row_behind_its_log_is_caught_by_the_guard_and_the_log_read_aga
     assert run.ok and by_schema == {alike.schema: [ADD], moved.schema: []}  # not applied twice
     assert applied_ids(db, moved.schema) == [*TENANT_IDS, ADD]
     assert verify(project) == []  # and the run put the index right, under the schema's lock
+
+
+def test_logs_changed_behind_the_index_are_read_whole_when_their_groups_log_disagrees(project):
+    """Two tenants behind alike are one group, planned from one of their logs. Both logs were
+    changed by hand, differently: the log read disagrees with the index, so neither is judged
+    from it, and each is read as it is."""
+    migrate_master(project)
+    marked, undone = [provision_tenant(project, org).tenant for org in ORGS[:2]]
+    add_nickname(project)
+    db = project.connection
+    query(db, sql.SQL(
+        "ALTER TABLE {s}.org_users ADD COLUMN nickname TEXT; INSERT INTO {s}._yoyo_log (id, "
+        "migration_id, operation, created_at_utc) SELECT max(id) + 1, %s, 'mark', now() "
+        "FROM {s}._yoyo_log"
+    ).format(s=sql.Identifier(marked.schema)), (ADD,))  # fmt: skip
+    query(db, sql.SQL(
+        "DROP TABLE {s}.chat_messages; INSERT INTO {s}._yoyo_log (id, migration_id, operation, "
+        "created_at_utc) SELECT max(id) + 1, %s, 'rollback', now() FROM {s}._yoyo_log"
+    ).format(s=sql.Identifier(undone.schema)), (TENANT_IDS[2],))  # fmt: skip
+
+    report = {t.schema: t for t in commands_module.status(project).tenants}
+
+    assert report[marked.schema].applied == [*TENANT_IDS, ADD]
+    assert report[marked.schema].state == "at head"
+    assert report[undone.schema].applied == TENANT_IDS[:2]
+    assert report[undone.schema].pending == [TENANT_IDS[2], ADD]
+
+
+def test_a_log_table_renamed_away_is_not_taken_for_the_schemas_log(project):
+    """The index row names the log by oid; that table is still in the schema, under another
+    name, so the schema has no log a run would read or write."""
+    migrate_master(project)
+    tenant = provision_tenant(project, ORGS[0]).tenant
+    query(project.connection, sql.SQL("ALTER TABLE {} RENAME TO kept_aside").format(
+        sql.Identifier(tenant.schema, "_yoyo_log")))  # fmt: skip
+
+    [report] = commands_module.status(project).tenants
+
+    assert report.applied == [] and report.pending == TENANT_IDS
+    assert report.state == "never migrated"
+
+
+def test_a_transaction_that_logs_nothing_leaves_the_index_alone(traced):
+    """A tenant whose next migration is non-transactional: its first transaction (the check that
+    the log is where the index said) logs nothing, so it writes no index row."""
+    settings, log = traced
+    migrate_master(settings)
+    provision_tenant(settings, ORGS[0])
+    write_migration(
+        settings.tenant_dir,
+        "20300101000000_index_names",
+        "-- transactional: false\n"
+        "CREATE INDEX CONCURRENTLY org_users_name_idx ON org_users (full_name);\n",
+    )
+    log.mark()
+
+    run = migrate_tenants(settings)
+
+    assert run.ok and run.schemas[0].migrations == ["20300101000000_index_names"]
+    [checked] = [m for m in log.messages() if "log moved" in m]  # the position guard's
+    assert checked.startswith("BEGIN;") and "COMMIT" in checked
+    assert "yoyo_tenants_heads" not in checked
+    assert verify(settings) == []

@@ -733,6 +733,54 @@ def test_a_python_migration_that_commits_on_its_connection_leaves_nothing_behind
         assert applied_ids(database, tenant.schema) == [*TENANT_IDS, BEFORE]
 
 
+#: Other ways a Python migration's code can send COMMIT: each is checked as a file is.
+PYTHON_COMMITS = {
+    "executemany": "conn.cursor().executemany('COMMIT', [{}])",
+    "copy-expert": "conn.cursor().copy_expert('COMMIT', io.StringIO())",
+    "composed": "conn.cursor().execute(sql.SQL('COMMIT'))",
+    "bytes": "conn.cursor().execute(b'COMMIT')",
+}
+
+
+def python_commit(call: str) -> str:
+    return (
+        "import io\n"
+        "from psycopg2 import sql\n"
+        "from yoyo import step\n"
+        "def apply(conn):\n"
+        "    conn.cursor().execute('CREATE TABLE sneaky (i int)')\n"
+        f"    {call}\n"
+        "    conn.cursor().execute('CREATE TABLE sneaky_after (i int)')\n"
+        "steps = [step(apply)]\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        *[pytest.param(python_commit(call), id=name) for name, call in PYTHON_COMMITS.items()],
+        pytest.param(
+            "from yoyo import step\n"
+            "steps = [step('CREATE TABLE sneaky (i int)'), step('COMMIT')]\n",
+            id="a-step-of-sql",
+        ),
+    ],
+)
+def test_every_way_a_python_migration_sends_sql_is_checked(project, database, tenants, text):
+    write_migration(project.tenant_dir, BEFORE, "ALTER TABLE org_users ADD COLUMN nickname TEXT;\n")
+    (project.tenant_dir / f"{HOSTILE}.py").write_text(text)
+    before = public_part(snapshot(database))
+
+    run = migrate_tenants(project, jobs=1)
+
+    assert public_part(snapshot(database)) == before
+    for tenant, result in zip(tenants, run.schemas, strict=True):
+        assert result.failure.migration == HOSTILE
+        assert "COMMIT would commit" in str(result.failure), result.failure
+        assert {"sneaky", "sneaky_after"}.isdisjoint(tables(database, tenant.schema))
+        assert applied_ids(database, tenant.schema) == [*TENANT_IDS, BEFORE]
+
+
 # -- strings the server reads differently --------------------------------------------------------
 
 #: With standard_conforming_strings off, the server reads `'a\'; SELECT '` as one string and the
@@ -795,6 +843,24 @@ def test_a_migration_cannot_make_the_server_read_the_next_file_differently(
 
     for tenant in tenants:
         assert all_or_nothing(database, tenant.schema)
+
+
+def test_set_config_cannot_make_the_server_read_the_next_file_differently_either(
+    project, database, tenants
+):
+    write_migration(
+        project.tenant_dir,
+        "20300101000000_a",
+        "SELECT set_config('standard_conforming_strings', 'off', true);\n",
+    )
+    write_migration(project.tenant_dir, HOSTILE, HIDDEN_COMMIT)
+
+    with pytest.raises(UnsafeMigration, match="changing standard_conforming_strings"):
+        migrate_tenants(project)
+
+    for tenant in tenants:
+        assert all_or_nothing(database, tenant.schema)
+        assert "20300101000000_a" not in applied_ids(database, tenant.schema)
 
 
 # -- a big file ----------------------------------------------------------------------------------

@@ -51,3 +51,20 @@ def test_a_new_migration_file_is_picked_up(project, database):
     later = provision_tenant(project, "org_later1")
     assert later.migrations[-1] == ADD
     assert "nickname" in columns(database, later.tenant.schema, "org_users")
+
+
+def test_an_edit_that_keeps_the_files_time_stamp_is_picked_up_by_its_size(project, database):
+    # A copy that keeps time stamps (cp -p, rsync -t, an unpacked archive) can bring new text
+    # under the old time: the size still tells.
+    migrate_master(project)
+    write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname TEXT;")
+    age(project.tenant_dir)
+    first = provision_tenant(project, "org_early1").tenant.schema
+    assert "nickname" in columns(database, first, "org_users")
+
+    write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname_2 TEXT;")
+    age(project.tenant_dir)
+    second = provision_tenant(project, "org_later1", allow_drift=True).tenant.schema
+
+    assert "nickname_2" in columns(database, second, "org_users")
+    assert "nickname" not in columns(database, second, "org_users")

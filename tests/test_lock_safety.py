@@ -172,3 +172,44 @@ def test_provisioning_that_fails_in_a_non_transactional_migration_leaves_no_tena
         provision_tenant(project, "org_nontx2")
     assert not query(database, "SELECT 1 FROM public.tenants")
     assert not query(database, "SELECT 1 FROM pg_namespace WHERE nspname LIKE 'tid%%'")
+
+
+def test_a_run_over_a_non_transactional_migration_is_one_batch(project, database, tenants):
+    # Three transactions per tenant (before, the migration alone, after): one deploy, so one
+    # batch, which a rollback takes back whole.
+    write_migration(project.tenant_dir, "20290101000000_add_bio",
+                    "ALTER TABLE org_users ADD COLUMN bio TEXT;",
+                    "ALTER TABLE org_users DROP COLUMN bio;")  # fmt: skip
+    write_migration(project.tenant_dir, *INDEX_NAMES)
+    write_migration(project.tenant_dir, "20300101000100_add_nickname",
+                    "ALTER TABLE org_users ADD COLUMN nickname TEXT;",
+                    "ALTER TABLE org_users DROP COLUMN nickname;")  # fmt: skip
+
+    run = migrate_tenants(project, jobs=2)
+
+    assert run.ok, run.failed
+    for tenant in tenants:
+        batches = query(database, f"SELECT batch FROM {tenant.schema}._yoyo_log "
+                        "WHERE operation = 'apply' ORDER BY id")  # fmt: skip
+        assert batches == [(1,)] * 3 + [(2,)] * 3, batches
+
+
+def test_a_non_transactional_migration_left_inside_a_transaction_block_fails_and_is_not_logged(
+    project, database, tenants
+):
+    # Its BEGIN is its own to send; a block it never ends would roll back what it did, and the
+    # migration must not then be logged as applied.
+    write_migration(
+        project.tenant_dir,
+        "20300101000000_open_block",
+        "-- transactional: false\nBEGIN;\nCREATE TABLE left_open (i int);\n",
+    )
+
+    run = migrate_tenants(project, jobs=1)
+
+    for tenant, result in zip(tenants, run.schemas, strict=True):
+        assert result.failure.migration == "20300101000000_open_block"
+        assert "ended inside a transaction block" in str(result.failure)
+        assert "20300101000000_open_block" not in applied_ids(database, tenant.schema)
+        made = query(database, "SELECT to_regclass(%s)", (f"{tenant.schema}.left_open",))
+        assert made == [(None,)]

@@ -16,15 +16,25 @@ from yoyo_tenants import (
     migrate_tenants,
     provision_tenant,
     rollback_master,
+    rollback_tenants,
     schema_for,
     status,
     verify,
 )
+from yoyo_tenants.errors import NotReady
 from yoyo_tenants.report import run_json
 from yoyo_tenants.results import Outcome
 from yoyo_tenants.settings import Settings
 
-from .conftest import TENANT_IDS, Admin, applied_ids, copy_migrations, query, write_migration
+from .conftest import (
+    TENANT_IDS,
+    Admin,
+    applied_ids,
+    copy_migrations,
+    query,
+    tables,
+    write_migration,
+)
 from .servers import CuttingProxy, pg_ctl, postgres
 
 ADD = "20300101000000_add_nickname"
@@ -96,6 +106,35 @@ def test_a_tenant_whose_log_cannot_be_read_is_named_and_the_others_go_on(project
     problems = verify(app)
     assert len([p for p in problems if damaged in p]) == 1, problems
     assert not [p for p in problems if damaged not in p], problems
+
+
+def test_a_tenant_whose_schema_may_not_be_used_is_named_though_the_index_describes_it(
+    project, database
+):
+    """The index row of its log is sound (the table, its columns, its grants), but the schema
+    holding it may not be used: reading the log fails, and only that tenant is marked."""
+    migrate_master(project)
+    schemas = register(project, 3)
+    damaged = schemas[1]
+    # A log of its own (a group of one in the index), so that it is the log read for its group.
+    assert rollback_tenants(project, tenant="org_lost001", steps=1, yes=True).ok
+    query(database, "DO $$ BEGIN CREATE ROLE lost_app LOGIN; EXCEPTION WHEN duplicate_object "
+          "THEN NULL; END $$")  # fmt: skip
+    everywhere = ", ".join(["public", *schemas])
+    query(database, f"GRANT ALL ON SCHEMA {everywhere} TO lost_app")
+    query(database, f"GRANT ALL ON ALL TABLES IN SCHEMA {everywhere} TO lost_app")
+    query(database, f"REVOKE ALL ON SCHEMA {damaged} FROM lost_app")
+    app = Settings(project.root, {**database, "user": "lost_app"}, project.master_dir,
+                   project.tenant_dir)  # fmt: skip
+    write_migration(project.tenant_dir, ADD, "CREATE TABLE org_notes (body TEXT);")
+
+    run = migrate_tenants(app, jobs=2)
+
+    by_schema = {r.schema: r for r in run.schemas}
+    assert by_schema[damaged].outcome == Outcome.FAILED
+    assert f"the log of {damaged} cannot be read" in str(by_schema[damaged].failure)
+    assert all(by_schema[s].migrations == [ADD] for s in schemas if s != damaged)
+    assert applied_ids(database, damaged) == TENANT_IDS[:2]
 
 
 # -- a run always reports -----------------------------------------------------------------------
@@ -238,6 +277,58 @@ def test_rollback_master_will_not_drop_the_registry_of_registered_tenants(projec
     assert rollback_master(project, dry_run=True).schemas[0].failure  # the dry run says so too
 
 
+def test_a_user_who_may_not_create_the_heads_index_migrates_without_it(project, database, app_user):
+    migrate_master(project)  # as the superuser, who makes the index
+    query(database, "DROP TABLE public.yoyo_tenants_heads")
+    query(database, sql.SQL("GRANT CREATE ON DATABASE {} TO lp_app").format(
+        sql.Identifier(database["dbname"])))  # fmt: skip
+    query(database, "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO lp_app; "
+          "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO lp_app")  # fmt: skip
+
+    done = provision_tenant(app_user, "org_plain1")
+    write_migration(project.tenant_dir, ADD, "CREATE TABLE org_notes (body TEXT);")
+    run = migrate_tenants(app_user)
+
+    assert done.created and done.migrations == TENANT_IDS
+    assert run.ok and run.schemas[0].migrations == [ADD]
+    assert applied_ids(database, done.tenant.schema) == [*TENANT_IDS, ADD]
+    assert query(database, "SELECT to_regclass('public.yoyo_tenants_heads')") == [(None,)]
+
+
+def test_a_user_who_may_read_the_heads_index_but_not_keep_it_is_told_the_grant(
+    project, database, app_user
+):
+    migrate_master(project)
+    schema = provision_tenant(project, "org_kept1").tenant.schema
+    query(database, f"GRANT ALL ON SCHEMA {schema} TO lp_app; "
+          f"GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO lp_app; "
+          "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO lp_app; "
+          "REVOKE INSERT, UPDATE ON public.yoyo_tenants_heads FROM lp_app")  # fmt: skip
+    write_migration(project.tenant_dir, ADD, "CREATE TABLE org_notes (body TEXT);")
+
+    with pytest.raises(NotReady, match="GRANT INSERT, UPDATE ON public.yoyo_tenants_heads"):
+        migrate_tenants(app_user)
+
+    assert "org_notes" not in tables(database, schema)
+    assert applied_ids(database, schema) == TENANT_IDS
+
+
+def test_a_rollback_dropping_the_registry_by_its_bare_name_is_refused_too(project, database):
+    migrate_master(project)
+    provision_tenant(project, "org_registered1")
+    write_migration(project.master_dir, "20300101000000_regions",
+                    "CREATE TABLE public.regions (code text);",
+                    "DROP TABLE regions;\nDROP TABLE tenants;")  # fmt: skip
+    assert migrate_master(project).ok
+
+    run = rollback_master(project)
+
+    assert not run.ok
+    assert "would drop public.tenants, the registry of 1 tenants" in str(run.schemas[0].failure)
+    assert query(database, "SELECT count(*) FROM public.tenants") == [(1,)]
+    assert query(database, "SELECT to_regclass('public.regions') IS NOT NULL") == [(True,)]
+
+
 # -- an interrupted CREATE INDEX CONCURRENTLY ---------------------------------------------------
 
 
@@ -271,3 +362,36 @@ def test_an_invalid_index_left_behind_is_named_and_repaired_on_request(project, 
     assert valid == [(True,)]
     assert applied_ids(database, tenant.schema) == [*TENANT_IDS, "20300101000000_unique_values"]
     time.sleep(0)  # (the index was built by the migration itself, not left over)
+
+
+def test_an_invalid_index_in_another_tenant_is_that_tenants_alone(project, database):
+    migrate_master(project)
+    broken, fine = [provision_tenant(project, org).tenant for org in ("org_index1", "org_index2")]
+    query(database, f"INSERT INTO {broken.schema}.org_settings (key, value) VALUES "
+          "('a.b', '1'), ('c.d', '1')")  # fmt: skip
+    write_migration(
+        project.tenant_dir,
+        "20300101000000_unique_values",
+        "-- transactional: false\n"
+        "CREATE UNIQUE INDEX CONCURRENTLY org_settings_value_idx ON org_settings ((value::text));",
+    )
+    first = {r.schema: r for r in migrate_tenants(project, jobs=1).schemas}
+    assert "could not create unique index" in str(first[broken.schema].failure)
+    assert first[fine.schema].outcome == Outcome.DONE
+    write_migration(
+        project.tenant_dir,
+        "20300101000100_key_index",
+        "-- transactional: false\n"
+        "CREATE INDEX CONCURRENTLY org_settings_key_idx ON org_settings (key);",
+    )
+
+    second = {r.schema: r for r in migrate_tenants(project, jobs=1).schemas}
+
+    assert f"index {broken.schema}.org_settings_value_idx is invalid" in str(
+        second[broken.schema].failure
+    )
+    assert second[fine.schema].migrations == ["20300101000100_key_index"]
+    assert applied_ids(database, fine.schema)[-1] == "20300101000100_key_index"
+    invalid = query(database, "SELECT indexrelid::regclass::text FROM pg_index "
+                    "WHERE NOT indisvalid")  # fmt: skip
+    assert invalid == [(f"{broken.schema}.org_settings_value_idx",)]  # left for its own tenant

@@ -351,3 +351,16 @@ def test_provisioning_without_the_vector_extension_says_how_to_install_it(ready)
     assert 'type "vector" does not exist' in message
     assert "CREATE EXTENSION vector" in message
     assert "migrate-master" in message
+
+
+def test_a_missing_type_that_is_not_pgvectors_gets_no_pgvector_hint(ready):
+    write_migration(ready.tenant_dir, "20300101000000_odd_type",
+                    "CREATE TABLE odd (v no_such_type);")  # fmt: skip
+
+    with pytest.raises(MigrationFailed) as info:
+        provision_tenant(ready, ORG)
+
+    message = str(info.value)
+    assert 'type "no_such_type" does not exist' in message
+    assert "pgvector" not in message and "CREATE EXTENSION" not in message
+    assert registry(ready.connection) == []
