@@ -18,6 +18,7 @@ from .conftest import (
     applied_ids,
     columns,
     query,
+    write_migration,
 )
 
 ADD = ADD_NICKNAME
