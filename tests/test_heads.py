@@ -132,6 +132,18 @@ def test_a_schema_whose_name_needs_quoting_is_judged_from_the_index(traced):
     assert log_reads(log.messages()) == [] and log_reads_of(log.messages(), "Acme Corp") == []
 
 
+def test_an_org_provisioned_with_no_tenant_migrations_yet_is_indexed(project):
+    migrate_master(project)
+    for path in project.tenant_dir.iterdir():
+        path.unlink()
+
+    schema = provision_tenant(project, ORGS[0]).tenant.schema
+
+    rows = query(project.connection, "SELECT schema_name, position FROM "
+                 "public.yoyo_tenants_heads WHERE schema_name = %s", (schema,))  # fmt: skip
+    assert rows == [(schema, 0)]
+
+
 def test_plain_yoyo_tables_in_an_indexed_schema_are_noticed(project):
     migrate_master(project)
     tenant = provision_tenant(project, ORGS[0]).tenant

@@ -295,6 +295,22 @@ def test_a_user_who_may_not_create_the_heads_index_migrates_without_it(project, 
     assert query(database, "SELECT to_regclass('public.yoyo_tenants_heads')") == [(None,)]
 
 
+def test_a_tenant_at_head_whose_schema_may_not_be_used_is_not_reported_at_head(
+    project, database, app_user
+):
+    """Its index row is sound, but this user could not read (or migrate) the log it names."""
+    migrate_master(project)
+    schemas = [provision_tenant(project, f"org_usage{i}").tenant.schema for i in range(2)]
+    everywhere = ", ".join(schemas)
+    query(database, f"GRANT ALL ON SCHEMA {everywhere} TO lp_app; "
+          f"GRANT ALL ON ALL TABLES IN SCHEMA {everywhere}, public TO lp_app; "
+          f"REVOKE USAGE ON SCHEMA {schemas[1]} FROM lp_app")  # fmt: skip
+
+    states = {t.schema: t.state for t in status(app_user).tenants}
+
+    assert states == {schemas[0]: "at head", schemas[1]: "log unreadable"}
+
+
 def test_a_user_who_may_read_the_heads_index_but_not_keep_it_is_told_the_grant(
     project, database, app_user
 ):

@@ -43,15 +43,17 @@ UPSERT_SQL = sql.SQL(
     "position = EXCLUDED.position, applied = EXCLUDED.applied, batch = EXCLUDED.batch"
 ).format(heads=TABLE)
 #: The rows still describing the log they name: the same table, named _yoyo_log, in that schema,
-#: with every column a run reads and writes, and this user allowed to. Any other schema's log is
-#: read whole (and, if it cannot be, reported by name). The schema is compared by a lookup, not
-#: a join: without statistics on the index (autovacuum off or not yet run) the planner expected
-#: one row and scanned pg_namespace once per schema, 2 s at 10,000 schemas instead of 0.2 s.
+#: with every column a run reads and writes, and this user allowed to (the schema and the
+#: table). Any other schema's log is read whole (and, if it cannot be, reported by name). The
+#: schema is compared by a lookup, not a join: without statistics on the index (autovacuum off
+#: or not yet run) the planner expected one row and scanned pg_namespace once per schema, 2 s
+#: at 10,000 schemas instead of 0.2 s.
 READ_SQL = sql.SQL(
     "SELECT h.schema_name, h.position, h.applied, h.batch FROM {heads} h "
     "JOIN pg_class c ON c.oid = h.log_table AND c.relname = %(log)s "
     "WHERE c.relnamespace = to_regnamespace(quote_ident(h.schema_name)) "
     "AND h.schema_name = ANY(%(schemas)s) "
+    "AND has_schema_privilege(c.relnamespace, 'USAGE') "
     "AND has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT') "
     "AND (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid "
     "AND a.attname = ANY(%(columns)s) AND NOT a.attisdropped) = %(count)s"

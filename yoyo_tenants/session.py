@@ -178,6 +178,7 @@ class Session:
                 guard = POSITION_GUARD_SQL.format(log=self.log_table)
                 self._queue(self._mogrify(guard, {"position": known.position}))
             self.base, self.start = known, known.position
+            self._indexed = not fresh  # a log just made has no row yet, even with nothing run
             return known
         if not read:
             return Log([])
