@@ -157,7 +157,7 @@ def test_the_schema_commits_after_each_migration_that_adds_an_enum_value(traced)
     assert "ADD VALUE IF NOT EXISTS 'secret'" in messages[1]
     assert "VALUES ('secret')" in messages[2]
     for message in messages[1:]:  # the log where the transaction before left it
-        assert "coalesce(max(id), 0) =" in message
+        assert "ERRCODE = 'YT001'" in message
 
 
 def test_concurrent_runs_over_an_enum_history_apply_each_migration_once(enums):

@@ -17,9 +17,12 @@ from . import log
 from .db import failure_from, iso_dates
 from .errors import Failure, NotReady
 from .scripts import Script
-from .session import RESET_SQL, MessageFailed, Session, raised, script_for, step_direction
+from .session import MessageFailed, Session, raised, script_for, step_direction
 from .steps import Steps
 
+#: The settings such a migration runs with are the session's, given back after it. (Between
+#: schemas the runner cleans the whole session: see db.clean_session.)
+RESET_SQL = "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL"
 INVALID_INDEXES_SQL = (
     "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
     "WHERE NOT i.indisvalid AND c.relnamespace = to_regnamespace(quote_ident(%s)) "
@@ -39,13 +42,15 @@ def run_alone(session: Session, migration: Migration, operation: str, batch: int
         params,
     )
     try:
-        applied = {row.migration_hash for row in session.begin().applied}
+        session.begin()
+        applied = {row.migration_hash for row in session.read_log().applied}
         if operation != log.HOOK and (migration.hash in applied) != (operation == "rollback"):
             session.rollback()
             return False
         session.commit()
         _run_on_session(session, migration, operation, params)
         session.begin()
+        session.read_log()
         session.mark(migration, operation, batch)
         session.commit()
         return True

@@ -30,12 +30,13 @@ from yoyo.migrations import Migration, default_migration_table
 
 from . import log
 from .db import error_text
-from .engine import mark_schema, migrate_schema, server_options
+from .engine import mark_schema, migrate_schema
 from .errors import LockBusy, MigrationFailed, NotReady, TenantsError, UsageError
 from .loading import SqlMigration
 from .log import Log
 from .plan import drift
 from .results import RunOptions, SchemaResult
+from .server import prepare_run
 from .session import MessageFailed, Session, lock_key
 
 MAX_IDENTIFIER_BYTES = 63
@@ -107,7 +108,7 @@ class TenantBackend(PostgresqlBackend):
         )
         if found.fetchone() is None:
             raise NotReady(f"schema {self.schema} does not exist")
-        self.options = server_options(self.connection, RunOptions())
+        self.options = prepare_run(self.connection, RunOptions())
 
     def init_connection(self, connection):
         pass  # the search path is set per transaction, never on the session
@@ -185,7 +186,7 @@ class TenantBackend(PostgresqlBackend):
         """The schema's log, read under its lock; nothing is written, not even a log table, and
         yoyo's own tables (an old layout) are read as they are."""
         session = Session(self.connection, self.schema, self.options)
-        session.begin(read=False)
+        session.begin()
         try:
             return session.read_log(create=False)
         except MessageFailed as failed:
@@ -219,7 +220,7 @@ class TenantBackend(PostgresqlBackend):
     def _writing(self) -> RunOptions:
         """The options of a run that writes (the heads index made and kept), once."""
         if not self.options.heads:
-            self.options = server_options(self.connection, self.options, write=True)
+            self.options = prepare_run(self.connection, self.options, write=True)
         return self.options
 
     def _run(self, migration: Migration, operation: str) -> None:

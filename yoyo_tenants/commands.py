@@ -18,7 +18,7 @@ from yoyo.migrations import MigrationList
 
 from . import citus, heads, log, registry, runs, scaffold
 from .db import connect, server_params
-from .engine import mark_schema, migrate_schema, server_options
+from .engine import mark_schema, migrate_schema
 from .errors import TenantsError, UsageError
 from .loading import load_migrations
 from .log import Log, migration_checksum
@@ -27,6 +27,7 @@ from .registry import Tenant
 from .results import Direction, RunOptions, SchemaResult
 from .runner import RunResult, SchemaState, run_schemas, scan
 from .scripts import drops_table
+from .server import prepare_run
 from .settings import Settings
 
 #: Tenants migrated at once unless --jobs says otherwise.
@@ -282,7 +283,7 @@ def _run(
             else:
                 idle[t.schema] = result
         if work:  # the server is checked, and Citus detected, only for a run that writes
-            options = server_options(connection, options, settings.citus, write=True)
+            options = prepare_run(connection, options, settings.citus, write=True)
             options = replace(options, run=runs.start(cursor, command))
     finally:
         connection.close()
@@ -575,7 +576,7 @@ def repair(
     connection = connect(params)
     try:
         cursor = connection.cursor()
-        options = server_options(connection, run_options(settings), settings.citus, not dry_run)
+        options = prepare_run(connection, run_options(settings), settings.citus, not dry_run)
         report, states = _status(settings, cursor, from_index=False)
         folders = {PUBLIC: master, **{t.schema: tenant_migrations for t in report.tenants}}
         orgs = {t.schema: t.org_id for t in report.tenants}

@@ -27,55 +27,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from . import heads, log
+from . import log
 from .alone import run_alone
-from .errors import Failure, LockBusy, NotReady, TenantsError
+from .errors import Failure, LockBusy, TenantsError
 from .log import Log
 from .results import RunOptions, SchemaResult
 from .session import LOCK_NOT_AVAILABLE, LogMoved, MessageFailed, Session, migrations_of
-
-
-def server_options(
-    connection, options: RunOptions, citus: str = "auto", write: bool = False
-) -> RunOptions:
-    """`options` fitted to the server, checked once per run: every statement alone on a Citus
-    coordinator (`citus`: "auto" detects it, "on" forces it, "off" forbids it), and, for a run
-    that writes, the heads index kept (made the first time). NotReady when the server would read
-    migration files otherwise than they were checked, or the index exists but this user may not
-    keep it."""
-    cursor = connection.cursor()
-    cursor.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus'), "
-        "current_setting('standard_conforming_strings'), "
-        "to_regclass('public.yoyo_tenants_heads') IS NOT NULL, "
-        "has_table_privilege(to_regclass('public.yoyo_tenants_heads'), 'INSERT') "
-        "AND has_table_privilege(to_regclass('public.yoyo_tenants_heads'), 'UPDATE')"
-    )
-    has_citus, strings, indexed, may_index = cursor.fetchone()
-    if strings != "on":
-        raise NotReady(
-            "standard_conforming_strings is off for this database or user, so the server would "
-            "read backslashes in migration files otherwise than they were checked: turn it on "
-            "(ALTER DATABASE ... SET standard_conforming_strings = on, the default)"
-        )
-    if write and indexed and not may_index:
-        raise NotReady(
-            "the user may not keep public.yoyo_tenants_heads, the index of every schema's log: "
-            "GRANT INSERT, UPDATE ON public.yoyo_tenants_heads to it"
-        )
-    if write and not indexed:
-        indexed = heads.ensure(cursor)
-    per_message = has_citus if citus == "auto" else citus == "on"
-    return replace(options, citus=per_message, heads=write and indexed)
 
 
 def mark_schema(connection, schema: str, options: RunOptions, choose) -> list:
     """Log operations that run nothing (mark, unmark, accept) in `schema`, under its lock:
     `choose(log)` says which, as (migration, operation, batch) from the log as it is then."""
     session = Session(connection, schema, options)
-    marks = choose(session.begin())
+    session.begin()
+    marks = choose(session.read_log())
     for migration, operation, batch in marks:
         session.mark(migration, operation, batch)
     session.commit()
@@ -141,14 +108,19 @@ def _round(session: Session, plan, result, options, known, prelude, atomic, fres
     transaction-pooling PgBouncer, blocking the schema for every later run.
     """
     try:
-        current = session.begin(prelude=prelude) if known is None else known
+        if known is None:
+            session.begin(prelude)
+            current = session.read_log()
+        else:
+            current = known
         todo = plan.choose(current)
         if not todo and not prelude:
             if session.open:
                 session.commit()  # keeps a log table just made or converted
             return None
         if not session.open:
-            session.begin(known=current, prelude=prelude, fresh=fresh)
+            session.begin(prelude)
+            session.expect(current, fresh)
         for index, migration in enumerate(todo):
             if not migration.use_transactions:
                 break

@@ -25,7 +25,7 @@ from psycopg2 import errors, sql
 from yoyo.migrations import MigrationList
 
 from . import log
-from .log import AppliedMigration, migration_checksum
+from .log import AppliedMigration, Log, migration_checksum
 
 TABLE = sql.Identifier("public", "yoyo_tenants_heads")
 CREATE_SQL = sql.SQL(
@@ -38,10 +38,11 @@ CREATE_SQL = sql.SQL(
 ).format(heads=TABLE)
 UPSERT_SQL = sql.SQL(
     "INSERT INTO {heads} (schema_name, log_table, position, applied, batch) "
-    "VALUES (%(schema)s, %(log)s::regclass, %(position)s, %(applied)s, %(batch)s) "
+    "VALUES ({schema}, (quote_ident({schema}) || '.' || quote_ident({log}))::regclass, "
+    "{position}, {applied}, {batch}) "
     "ON CONFLICT (schema_name) DO UPDATE SET log_table = EXCLUDED.log_table, "
     "position = EXCLUDED.position, applied = EXCLUDED.applied, batch = EXCLUDED.batch"
-).format(heads=TABLE)
+)
 #: The rows still describing the log they name: the same table, named _yoyo_log, in that schema,
 #: with every column a run reads and writes, and this user allowed to (the schema and the
 #: table). Any other schema's log is read whole (and, if it cannot be, reported by name). The
@@ -65,22 +66,21 @@ OLD_LAYOUT_SQL = (
 )
 
 
-#: Provisioning's first statement: some tenant is at the files' head, or there are none. If not,
-#: the new org would be provisioned from files the others may have applied otherwise (drift):
-#: the provisioning stops before it has written anything, and looks (see provisioning.py).
-FLEET_BEHIND = "no tenant is at the head of the files"
-FLEET_GUARD_SQL = sql.SQL(
-    "SELECT CASE WHEN NOT EXISTS (SELECT FROM {heads} WHERE schema_name <> 'public') "
-    "OR EXISTS (SELECT FROM {heads} WHERE applied = {head}) THEN 0 "
-    "ELSE ('yoyo-tenants guard: " + FLEET_BEHIND + " (' || current_user || ')')::int END"
-)
 FURTHEST_SQL = sql.SQL(
     "SELECT schema_name FROM {heads} WHERE schema_name <> 'public' ORDER BY position DESC LIMIT 1"
 ).format(heads=TABLE)
 
 
-def fleet_guard_sql(migrations: MigrationList) -> sql.Composed:
-    return FLEET_GUARD_SQL.format(heads=TABLE, head=sql.Literal(head_digest(migrations)))
+def upsert_sql(schema: str, after: Log) -> sql.Composed:
+    """The schema's row, as a transaction leaves its log (`after`, with its position)."""
+    return UPSERT_SQL.format(
+        heads=TABLE,
+        schema=sql.Literal(schema),
+        log=sql.Literal(log.TABLE),
+        position=sql.Literal(after.position),
+        applied=sql.Literal(digest_of(after.applied)),
+        batch=sql.Literal(after.last_batch),
+    )
 
 
 def forget_sql(schema: str) -> sql.Composed:
@@ -147,14 +147,5 @@ def rebuild(cursor, states) -> list[str]:
         if rows.get(schema, expected) != expected:
             wrong.append(schema)
         if rows.get(schema) != expected:
-            cursor.execute(
-                UPSERT_SQL,
-                {
-                    "schema": schema,
-                    "log": sql.Identifier(schema, log.TABLE).as_string(cursor),
-                    "position": found.position,
-                    "applied": expected[1],
-                    "batch": found.last_batch,
-                },
-            )
+            cursor.execute(upsert_sql(schema, found))
     return wrong

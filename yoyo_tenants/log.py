@@ -72,17 +72,41 @@ UPGRADE_SQL = sql.SQL(
     "DROP TABLE {old}; "
     "DROP TABLE IF EXISTS {version}"
 )
-#: One row, numbered by the caller (who holds the schema's lock and knows the log's end).
-#: A log row: when (a guard's stamp: see engine.py), its number (the caller's, who holds the
-#: schema's lock and knows the log's end), then the values a migration's rows share in every
-#: schema of a run.
+#: A log row: its number (the caller's, who holds the schema's lock and knows the log's end),
+#: then the values a migration's rows share in every schema of a run (see RowValues).
 INSERT_SQL = sql.SQL(
     "INSERT INTO {log} (created_at_utc, id, migration_id, operation, batch, checksum, username, "
-    "hostname, run) VALUES ({stamp}, "
+    "hostname, run) VALUES (timezone('UTC', statement_timestamp()), {id}, {values})"
 )
-VALUES_SQL = (
-    "%(migration_id)s, %(operation)s, %(batch)s, %(checksum)s, %(username)s, %(hostname)s, %(run)s)"
-)
+
+
+def insert_sql(schema: str, number: int, values: sql.Composable) -> sql.Composed:
+    return INSERT_SQL.format(
+        log=sql.Identifier(schema, TABLE), id=sql.Literal(number), values=values
+    )
+
+
+class RowValues:
+    """The values of log rows, quoted once for all the schemas of a run: at thousands of
+    schemas, quoting is most of what the client does. One per run (see RunOptions.rows)."""
+
+    KEPT = 10_000
+
+    def __init__(self) -> None:
+        self._quoted: dict[tuple, sql.SQL] = {}
+
+    def values(self, row: tuple, connection) -> sql.SQL:
+        """(migration id, operation, batch, checksum, run) and who writes them, as SQL."""
+        key = (*row, connection.encoding)
+        found = self._quoted.get(key)
+        if found is None:
+            identity = log_identity()
+            literals = [*row[:4], identity["username"], identity["hostname"], row[4]]
+            text = sql.SQL(", ").join(map(sql.Literal, literals)).as_string(connection)
+            if len(self._quoted) >= self.KEPT:
+                self._quoted.clear()
+            found = self._quoted[key] = sql.SQL(text)
+        return found
 
 
 def columns(has_run: bool) -> sql.Composed:
@@ -93,6 +117,60 @@ def columns(has_run: bool) -> sql.Composed:
 
 def rows_sql(schema: str, has_run: bool = True) -> sql.Composed:
     return sql.SQL("SELECT {} FROM {}").format(columns(has_run), sql.Identifier(schema, TABLE))
+
+
+class Layout(NamedTuple):
+    """How a schema keeps its log, as LAYOUT_SQL reads it."""
+
+    exists: bool  # _yoyo_log is there, in the current layout (it has a batch column)
+    has_run: bool  # it records runs (a log from before them gets the column)
+    old: bool  # yoyo's tables are there instead (see UPGRADE_SQL)
+
+
+#: The layout of the logs of many schemas, in one query: the scan's, and a session's for its own
+#: schema. A schema that does not exist has no row.
+LAYOUT_SQL = sql.SQL(
+    "SELECT n.nspname, b.attname IS NOT NULL, r.attname IS NOT NULL, "
+    "EXISTS (SELECT 1 FROM pg_class o WHERE o.relnamespace = n.oid AND o.relname = {old}) "
+    "FROM pg_namespace n "
+    "LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = {log} "
+    "LEFT JOIN pg_attribute b ON b.attrelid = c.oid AND b.attname = {batch} AND NOT b.attisdropped "
+    "LEFT JOIN pg_attribute r ON r.attrelid = c.oid AND r.attname = {run} AND NOT r.attisdropped "
+    "WHERE n.nspname = ANY({schemas})"
+)
+
+
+def layout_sql(schemas: list[str]) -> sql.Composed:
+    return LAYOUT_SQL.format(
+        old=sql.Literal(OLD_TABLE),
+        log=sql.Literal(TABLE),
+        batch=sql.Literal(LAYOUT_COLUMN),
+        run=sql.Literal(RUN_COLUMN),
+        schemas=sql.Literal(schemas),
+    )
+
+
+#: yoyo's table of applied migrations (an old layout) as log rows, in yoyo's order.
+OLD_ROWS_SQL = sql.SQL(
+    "SELECT row_number() OVER (ORDER BY applied_at_utc, migration_id), migration_id, 'apply', "
+    "applied_at_utc, NULL::integer, NULL::text, NULL::bigint FROM {old}"
+)
+
+
+def old_rows_sql(schema: str) -> sql.Composed:
+    return OLD_ROWS_SQL.format(old=sql.Identifier(schema, OLD_TABLE))
+
+
+def making_sql(schema: str, layout: Layout, citus: bool) -> list[sql.Composed]:
+    """What makes a schema's log what a run writes to: converted from yoyo's tables, made, or
+    given its run column; nothing if it is so already."""
+    if layout.old:
+        return [upgrade_sql(schema)]
+    if not layout.exists:
+        return create_sql(schema, citus)
+    if not layout.has_run:
+        return [add_run_sql(schema)]
+    return []
 
 
 #: On Citus, a log moves with its schema online (citus_schema_move copies it by logical

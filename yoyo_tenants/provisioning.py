@@ -9,18 +9,18 @@ import shutil
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg2
 from pglast import ast, parser
 from pglast.enums import ObjectType
-from psycopg2 import sql
+from psycopg2 import errorcodes, sql
 
 from . import citus, embedded, heads, log, registry
 from .commands import run_options
 from .db import connect, server_params
-from .engine import migrate_schema, server_options
+from .engine import migrate_schema
 from .errors import (
     LockBusy,
     MigrationFailed,
@@ -35,6 +35,7 @@ from .plan import ApplyPlan, Drift, drift, migration_sql
 from .registry import Tenant
 from .results import SchemaResult
 from .runner import scan
+from .server import prepare_run, read_server
 from .session import MessageFailed, Session
 from .settings import Settings
 
@@ -68,32 +69,33 @@ def provision_tenant(
     options = run_options(settings, lock_wait=lock_wait, allow_drift=allow_drift)
     connection = connect(server_params(settings))
     try:
-        options = server_options(connection, options, settings.citus, write=not dry_run)
+        state = read_server(connection, fleet=None if dry_run else migrations)
+        options = prepare_run(connection, options, settings.citus, not dry_run, state)
         if dry_run:
             done = _plan(connection, tenant, migrations)
         else:
-            done = _provision(connection, tenant, migrations, options)
+            done = _provision(connection, tenant, migrations, options, state.fleet_at_head)
     finally:
         connection.close()
     done.duration = time.perf_counter() - started
     return done
 
 
-def _provision(connection, tenant: Tenant, migrations, options) -> Provisioned:
+def _provision(
+    connection, tenant: Tenant, migrations, options, fleet_at_head: bool | None = None
+) -> Provisioned:
     """The registry row, the schema, its log table and every migration in one transaction
-    (one message, unless a migration is non-transactional)."""
+    (one message, unless a migration needs a commit or is non-transactional)."""
+    if fleet_at_head is False and not options.allow_drift:
+        # No tenant is at the files' head: behind (a migration not deployed yet), or drift,
+        # which the tenant furthest along says.
+        _check_fleet(connection, migrations)
     result = SchemaResult(tenant.schema, tenant.org_id)
     prelude = [*registry.register_sql(tenant), *log.create_sql(tenant.schema, options.citus)]
-    if options.heads and not options.allow_drift:
-        prelude.insert(0, heads.fleet_guard_sql(migrations))
     plan = ApplyPlan(tenant.schema, migrations)
     migrate_schema(connection, plan, result, options, Log([]), prelude, atomic=True, fresh=True)
     if result.failure is None:
         return Provisioned(tenant, created=True, migrations=result.migrations)
-    if heads.FLEET_BEHIND in str(result.failure):
-        # No tenant is at the files' head: behind (a migration not deployed yet), or drift.
-        _check_fleet(connection, migrations)
-        return _provision(connection, tenant, migrations, replace(options, allow_drift=True))
     if result.failure.migration is None and not result.skipped:
         # Nothing ran: the registry row or the schema was refused. Find out why; a registered
         # org is brought up to date.
@@ -164,11 +166,11 @@ def _unregister(connection, tenant: Tenant, options) -> None:
     prelude = registry.unregister_sql(tenant)
     if heads.exists(connection.cursor()):
         prelude.append(heads.forget_sql(tenant.schema))
-    session.begin(prelude=prelude, read=False)
+    session.begin(prelude)
     try:
         session.commit()
     except MessageFailed as failed:
-        if failed.failure.sqlstate == "55P03":
+        if failed.failure.sqlstate == errorcodes.LOCK_NOT_AVAILABLE:
             raise LockBusy(f"schema {tenant.schema} is locked by another run") from None
         raise TenantsError(str(failed.failure)) from None
 
@@ -296,7 +298,7 @@ def restore_tenant(settings: Settings, archive: str | Path) -> Restored:
                 cursor.execute("SELECT citus_schema_distribute(%s::regnamespace)", (schema,))
             session = Session(connection, schema, run_options(settings))
             prelude = registry.reregister_sql(schema, row, _columns(cursor))
-            session.begin(prelude=prelude, read=False)
+            session.begin(prelude)
             session.commit()
         except (MessageFailed, psycopg2.Error) as exc:
             cursor.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import Failure
+from .log import RowValues
 
 
 class Direction(str, Enum):
@@ -41,6 +42,8 @@ class RunOptions:
     #: Drop invalid indexes (left by an interrupted CREATE INDEX CONCURRENTLY) before running a
     #: non-transactional migration, which rebuilds them.
     repair_invalid_indexes: bool = False
+    #: The log rows' values, quoted once for all the schemas of the run.
+    rows: RowValues = field(default_factory=RowValues, compare=False, repr=False)
 
     @property
     def wait(self) -> float:
