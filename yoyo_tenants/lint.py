@@ -306,12 +306,8 @@ def _lint(settings: Settings, binary: str, migrations: Sequence, pg_version: str
 
 def _run(args: list[str]) -> list[dict]:
     """squawk's findings, as its JSON reporter gives them."""
-    # On GitHub Actions squawk would add annotations to its output, which is ours to parse.
-    env = {**os.environ, "SQUAWK_DISABLE_GITHUB_ANNOTATIONS": "1"}
     try:
-        done = subprocess.run(
-            args, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env
-        )
+        done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     except OSError as exc:
         raise LintUnavailable(f"squawk ({args[0]}) cannot run: {exc.strerror}") from None
     said = next((line for line in done.stderr.splitlines() if line.strip()), "")

@@ -475,14 +475,16 @@ def verify(c):
 @command(
     help={
         "all": "lint every migration file, not only the pending ones",
-        "file": "lint only this migration file (its path or id); repeat for more",
-    },
-    iterable=["file"],
+        "files": "lint only these migration files: their paths or ids, separated by commas",
+    }
 )
 @edge
-def lint(c, all=False, file=None):
+def lint(c, all=False, files=None):
     """Lint the pending migration files with squawk; each finding weighed across the tenants."""
-    result = linting.lint(_settings(), files=file or (), every=all)
+    names = [name.strip() for name in (files or "").split(",") if name.strip()]
+    if files is not None and not names:
+        raise UsageError("--files names no file")
+    result = linting.lint(_settings(), files=names, every=all)
     report.lint(out, result)
     if not result.ok:
         count = report.plural(len(result.findings), "finding")
