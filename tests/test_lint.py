@@ -27,6 +27,7 @@ from .conftest import (
     user_env,
     write_migration,
 )
+from .test_waves import register
 
 ORGS = ["org_lint1", "org_lint2", "org_lint3"]
 EMAIL = "20300101000000_widen_email"
@@ -44,8 +45,8 @@ CLEAN = "ALTER TABLE org_users ADD COLUMN nickname TEXT;\n"
 def fleet(project):
     """Public migrated and three tenants provisioned."""
     assert migrate_master(project).ok
-    for org in ORGS:
-        provision_tenant(project, org)
+    register(project, ORGS)
+    assert migrate_tenants(project).ok
     return project
 
 

@@ -11,13 +11,21 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant, rollback_tenants
+from yoyo_tenants import migrate_master, migrate_tenants, rollback_tenants
 from yoyo_tenants import schema_for as schema
 from yoyo_tenants.errors import ConfigError, UsageError
 from yoyo_tenants.results import SchemaResult
 from yoyo_tenants.waves import Rollout, parse
 
-from .conftest import REPO, TENANT_IDS, applied_ids, query, run_invoke, user_env, write_migration
+from .conftest import (
+    REPO,
+    TENANT_IDS,
+    applied_ids,
+    query,
+    run_invoke,
+    user_env,
+    write_migration,
+)
 
 ORGS = [f"org_wave{i}" for i in range(1, 6)]
 #: With 5 tenants: the canary, then up to 40% (2) in all, then the other 3.
@@ -35,12 +43,29 @@ RECORD = (
 )
 
 
+def register(settings, orgs: list[str]) -> None:
+    """Register `orgs` and create their (empty) schemas in one statement, as provisioning
+    would; a migrate-tenants run then brings them to head."""
+    schemas = [schema(org) for org in orgs]
+    creates = sql.SQL(" ").join(
+        sql.SQL("CREATE SCHEMA {};").format(sql.Identifier(name)) for name in schemas
+    )
+    query(
+        settings.connection,
+        sql.SQL(
+            "INSERT INTO public.tenants (clerk_org_id, schema_name) "
+            "SELECT * FROM unnest(%s::text[], %s::text[]); {}"
+        ).format(creates),
+        (orgs, schemas),
+    )
+
+
 @pytest.fixture
 def fleet(project):
     """Public migrated, five tenants provisioned (in ORGS' order), and a new migration."""
     assert migrate_master(project).ok
-    for org in ORGS:
-        provision_tenant(project, org)
+    register(project, ORGS)
+    assert migrate_tenants(project).ok
     write_migration(project.tenant_dir, CHECKED, *CHECK_EMAILS)
     return project
 
