@@ -128,11 +128,13 @@ def test_each_finding_is_weighed_across_the_tenants_from_the_catalog(fleet):
     )
 
 
-def test_a_master_file_is_weighed_in_public_and_a_new_table_in_no_tenant_yet(fleet):
+def test_a_table_is_weighed_where_its_statement_runs(fleet):
+    """Master files run in public; a tenant file's unqualified table is in every tenant, its
+    public.name table in public, and a table in a schema of its own in none of them."""
     write_migration(
         fleet.master_dir,
         "20300101000000_focus_index",
-        "CREATE INDEX focus_areas_name ON public.focus_areas (name);\n",
+        "CREATE INDEX focus_areas_name ON focus_areas (name);\n",
     )
     write_migration(
         fleet.tenant_dir,
@@ -140,12 +142,21 @@ def test_a_master_file_is_weighed_in_public_and_a_new_table_in_no_tenant_yet(fle
         "CREATE TABLE notes (id BIGINT PRIMARY KEY, body TEXT);\n",
     )
     write_migration(
-        fleet.tenant_dir, "20300101000100_notes_body", "CREATE INDEX notes_body ON notes (body);\n"
+        fleet.tenant_dir,
+        "20300101000100_indexes",
+        "CREATE INDEX notes_body ON notes (body);\n"
+        "CREATE INDEX focus_areas_slug ON public.focus_areas (slug);\n"
+        "CREATE INDEX events_at ON audit.events (at);\n",
     )
 
-    weights = [str(f.weight) for f in lint(fleet).findings]
+    weights = [(f.line, str(f.weight)) for f in lint(fleet).findings]
 
-    assert weights == ["public.focus_areas: not analysed (empty)", "notes is in no tenant yet"]
+    assert weights == [
+        (1, "public.focus_areas: not analysed (empty)"),
+        (1, "notes is in no tenant yet"),
+        (2, "public.focus_areas: not analysed (empty)"),
+        (3, "None"),
+    ]
 
 
 def test_all_lints_every_file_and_files_only_those_named(fleet, monkeypatch):
