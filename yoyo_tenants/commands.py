@@ -340,7 +340,7 @@ def _run(
             on_result=on_result,
         )
 
-    if rollout:  # one run, in waves: the same run number on every log row they write
+    if rollout and work:  # one run, in waves: the same run number on every log row they write
         done = rollout.run(rollout.split(work, len(tenants)), run_work, options.run)
     else:
         done = run_work(work)

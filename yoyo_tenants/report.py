@@ -515,8 +515,9 @@ def lint(console: Console, report: LintReport) -> None:
     if not report.files:
         console.print("lint: no SQL migration file to lint" + off)
         return
+    linted = plural(len(report.files), "file")
+    if report.ok:
+        console.print(f"lint: no findings in {linted}{off}")
+        return
     files = len({f.path for f in report.findings})
-    console.print(
-        f"lint: {plural(len(report.findings), 'finding')} in {files} of "
-        f"{plural(len(report.files), 'file')}{off}"
-    )
+    console.print(f"lint: {plural(len(report.findings), 'finding')} in {files} of {linted}{off}")
