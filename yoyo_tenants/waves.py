@@ -31,6 +31,7 @@ TENANTS_ENV = "YOYO_TENANTS_WAVE_TENANTS"
 SCHEMAS_ENV = "YOYO_TENANTS_WAVE_SCHEMAS"
 RUN_ENV = "YOYO_TENANTS_RUN"
 ALL = "all"
+TABLE = "pyproject.toml [tool.yoyo-tenants]"
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ class Rollout:
             try:
                 named = [t.schema for t in registry.list_tenants(cursor, self.canaries)]
             except NotReady as exc:
-                raise ConfigError(f"canary-tenants: {exc}") from None
+                checked = f"{TABLE} canary-tenants, a query checked as tenants-query is"
+                raise ConfigError(f"{checked}: {exc}") from None
             key, what = (lambda t: t.schema), "its query returns schema"
         else:
             named, key, what = list(self.canaries), (lambda t: t.org_id), "it names"
@@ -178,8 +180,7 @@ class Rollout:
         if unknown:
             of = "" if query is None else " of tenants-query"
             raise ConfigError(
-                f"pyproject.toml [tool.yoyo-tenants] canary-tenants: {what} {unknown[0]}, "
-                f"which is not a tenant{of}"
+                f"{TABLE} canary-tenants: {what} {unknown[0]}, which is not a tenant{of}"
             )
         first = set(named)
         return [by_key[name] for name in dict.fromkeys(named)] + [
