@@ -324,8 +324,8 @@ def test_a_run_with_lint_goes_ahead_when_nothing_is_found(fleet):
 
     assert migrate_tenants(fleet, lint=True).ok
 
-    assert all(applied_ids(fleet.connection, schema_for(org))[-1] == "20300101000000_nickname"
-               for org in ORGS)  # fmt: skip
+    last = {applied_ids(fleet.connection, schema_for(org))[-1] for org in ORGS}
+    assert last == {"20300101000000_nickname"}
 
 
 def test_migrate_master_and_provision_tenant_with_lint_refuse_too(fleet):

@@ -150,8 +150,15 @@ def test_waves_compose_with_jobs_fail_fast_lock_timeout_and_retries(fleet, datab
     app = psycopg2.connect(**database)  # an app transaction holding a lock in the second tenant
     app.cursor().execute(f"SELECT count(*) FROM {schema(ORGS[1])}.org_users")
     try:
-        run = migrate_tenants(fleet, waves="1,all", jobs=1, fail_fast=True, lock_timeout=0.2,
-                              retries=1, retry_pause=0.05)  # fmt: skip
+        run = migrate_tenants(
+            fleet,
+            waves="1,all",
+            jobs=1,
+            fail_fast=True,
+            lock_timeout=0.2,
+            retries=1,
+            retry_pause=0.05,
+        )
     finally:
         app.close()
 

@@ -465,7 +465,13 @@ def waves_summary(console: Console, run: RunResult) -> None:
 
 
 def wave_json(wave: Wave) -> dict:
-    check = wave.check
+    check = None
+    if wave.check is not None:
+        check = {
+            "command": wave.check.command,
+            "exit_code": wave.check.exit_code,
+            "error": wave.check.error,
+        }
     return {
         "wave": wave.number,
         "size": wave.size,
@@ -481,9 +487,8 @@ def wave_json(wave: Wave) -> dict:
             }
             for r in _failures_of(wave)
         ],
-        "check": check and {"command": check.command, "exit_code": check.exit_code,
-                            "error": check.error},
-    }  # fmt: skip
+        "check": check,
+    }
 
 
 def _failures_of(wave: Wave) -> list[SchemaResult]:
