@@ -335,8 +335,6 @@ def test_wrong_sizes_are_usage_errors(text, says):
     "args, says",
     [
         (["--waves", "1,5%"], "error: --waves 1,5%: the last wave, and only the last, is 'all'"),
-        (["--wave-check", "true"], "error: --wave-check and --wave-pause go with --waves"),
-        (["--waves", "1,all", "--tenant", ORGS[0]], "error: give one of --tenant and --waves"),
         (
             ["--waves", "1,all", "--wave-pause", "x"],
             "error: --wave-pause must be a number, not 'x'",
@@ -348,3 +346,19 @@ def test_wrong_wave_flags_are_one_line_and_exit_2_before_anything_runs(fleet, ar
 
     assert (done.returncode, done.stdout, done.stderr) == (2, "", says + "\n")
     assert checked_in(fleet) == []
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        ({"wave_check": "true"}, "--wave-check and --wave-pause go with --waves"),
+        ({"wave_pause": 1.0}, "--wave-check and --wave-pause go with --waves"),
+        ({"waves": "1,all", "tenant": ORGS[0]}, "give one of --tenant and --waves"),
+        ({"waves": "1,all", "wave_check": " "}, "--wave-check is empty"),
+    ],
+)
+def test_wave_options_that_do_not_go_together_are_usage_errors(project, flags, says):
+    with pytest.raises(UsageError) as refused:  # before it connects: nothing is set up
+        migrate_tenants(project, **flags)
+
+    assert str(refused.value) == says
