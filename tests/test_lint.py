@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 from psycopg2 import sql
 
-from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant, schema_for
+from yoyo_tenants import (
+    make_migration,
+    migrate_master,
+    migrate_tenants,
+    provision_tenant,
+    schema_for,
+)
 from yoyo_tenants.errors import ConfigError, LintFailed, UnsafeMigration, UsageError
 from yoyo_tenants.lint import lint
 
@@ -352,3 +358,13 @@ def test_invoke_migrate_tenants_lint_is_one_error_line_and_exit_1(fleet):
         "(invoke lint shows them)\n"
     )
     assert "org_users_email" not in tables(fleet.connection, schema_for(ORGS[0]))
+
+
+def test_python_migrations_are_named_as_not_linted(fleet):
+    made = make_migration(fleet, "tenant", "backfill", py=True)
+    write_migration(fleet.tenant_dir, "20990101000000_nickname", CLEAN)
+
+    report = lint(fleet)
+
+    assert report.python == [p for p in made if p.suffix == ".py"][:1]
+    assert [p.name for p in report.files] == ["20990101000000_nickname.sql"]
