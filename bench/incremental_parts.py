@@ -78,10 +78,11 @@ VARIANTS = {
     "  - heads upsert": lambda s, m: without(m, 'INSERT INTO "public"."yoyo_tenants_heads"'),
     "  - row guard": lambda s, m: plain_row(m),
     "  - savepoint": lambda s, m: without(m, "SAVEPOINT"),
-    "  - session reset": lambda s, m: m.replace(
-        "; RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL", ""
-    ),
+    "  - clean session": lambda s, m: m,
 }
+#: Replayed as the tool sends them: a connection's next tenant after DISCARD ALL, a message of
+#: its own (see db.clean_session); the bounds and "- clean session" without it.
+UNCLEAN = {"lower bound", "LB + log (floor)", "  - clean session"}
 
 
 class Bench:
@@ -162,8 +163,9 @@ class Bench:
                 messages[schema] = message.replace("\n\t", "\n")
         return messages
 
-    def replay(self, database: str, messages: list[str]) -> tuple[float, int]:
-        """Seconds to send `messages` over JOBS connections; one backend's memory after."""
+    def replay(self, database: str, messages: list[str], clean: bool) -> tuple[float, int]:
+        """Seconds to send `messages` over JOBS connections (`clean`: each connection's session
+        cleaned between two), one backend's memory after."""
         pending = iter(messages)
         lock = threading.Lock()
         connections = [psycopg2.connect(**{**self.params, "dbname": database}) for _ in range(JOBS)]
@@ -171,12 +173,16 @@ class Bench:
         def work(connection) -> None:
             connection.autocommit = True
             cursor = connection.cursor()
+            served = False
             while True:
                 with lock:
                     message = next(pending, None)
                 if message is None:
                     return
+                if clean and served:
+                    cursor.execute("DISCARD ALL")
                 cursor.execute(message)
+                served = True
 
         started = time.perf_counter()
         with ThreadPoolExecutor(JOBS) as pool:
@@ -206,7 +212,7 @@ class Bench:
                     seconds[name].append(time.perf_counter() - started)
                 else:
                     sent = [VARIANTS[name](s, m) for s, m in messages.items()]
-                    took, memory[name] = self.replay(database, sent)
+                    took, memory[name] = self.replay(database, sent, name not in UNCLEAN)
                     seconds[name].append(took)
                 self.execute(f"DROP DATABASE {database}")
         bound, floor_ = min(seconds["lower bound"]), min(seconds["LB + log (floor)"])

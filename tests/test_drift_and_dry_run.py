@@ -157,7 +157,9 @@ def test_dry_runs_change_nothing_and_show_the_sql(project, database):
     assert "ALTER TABLE org_users ADD COLUMN nickname TEXT;" in run.schemas[0].sql
     assert catalog(database) == before
 
-    run = rollback_tenants(project, dry_run=True)
+    run = rollback_tenants(project, dry_run=True)  # only provisioning: nothing to roll back
+    assert run.schemas[0].migrations == [] and run.schemas[0].failure is None
+    run = rollback_tenants(project, dry_run=True, steps=1)
     assert "would undo its base tables" in str(run.schemas[0].failure)  # said, not done
     run = rollback_tenants(project, dry_run=True, yes=True)
     assert run.schemas[0].migrations == [

@@ -72,7 +72,7 @@ def test_a_tenant_behind_gets_its_migration_log_row_and_commit_in_one_message(tr
     assert run.ok and run.schemas[0].migrations == [ADD]
     [message] = tenant_messages(log, tenant.schema)
     assert message.startswith("BEGIN;") and "ALTER TABLE org_users ADD COLUMN nickname" in message
-    assert "INSERT INTO" in message and "COMMIT;" in message
+    assert "INSERT INTO" in message and message.rstrip().endswith("COMMIT")
     assert "nickname" in columns(params(settings), tenant.schema, "org_users")
     assert applied_ids(params(settings), tenant.schema)[-1] == ADD
 
@@ -103,7 +103,7 @@ def test_a_rollback_after_the_scan_is_one_message(traced):
 
     assert run.ok and run.schemas[0].migrations == [ADD]
     [message] = tenant_messages(log, tenant.schema)
-    assert "DROP COLUMN nickname" in message and "COMMIT;" in message
+    assert "DROP COLUMN nickname" in message and message.rstrip().endswith("COMMIT")
     assert "nickname" not in columns(params(settings), tenant.schema, "org_users")
 
 

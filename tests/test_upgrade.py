@@ -123,3 +123,26 @@ def test_a_public_schema_plain_yoyo_migrated_is_adopted_by_migrate_master(projec
     assert "_yoyo_migration" not in tables(database, "public")
     provision_tenant(project, "org_after1")
     assert migrate_tenants(project).ok
+
+
+def test_old_layouts_convert_one_after_another_on_a_database_whose_dates_are_not_iso(
+    project, database
+):
+    """A converted log is read under the lock before anything is committed, first thing on a
+    connection cleaned after the tenant before: the clean-up must leave dates readable."""
+    query(
+        database,
+        sql.SQL("ALTER DATABASE {} SET DateStyle = 'SQL, DMY'").format(
+            sql.Identifier(database["dbname"])
+        ),
+    )
+    migrate_master(project)
+    schemas = [provision_tenant(project, f"org_olddates{i}").tenant.schema for i in range(3)]
+    for schema in schemas:
+        back_to_0_1(database, schema, batches=[1, 1, 1])
+    write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname TEXT;")
+
+    run = migrate_tenants(project, jobs=1)
+
+    assert run.ok, [str(r.failure) for r in run.schemas]
+    assert all(applied_ids(database, schema) == [*TENANT_IDS, ADD] for schema in schemas)

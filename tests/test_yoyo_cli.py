@@ -234,6 +234,22 @@ def test_a_failing_migration_is_one_line_naming_its_file_and_line(tenant, tmp_pa
     assert applied_ids(db, SCHEMA) == TENANT_IDS  # those before it committed
 
 
+def test_a_failing_rollback_is_one_line_naming_its_down_file_and_line(tenant, tmp_path):
+    db = tenant.connection
+    write_migration(
+        tenant.tenant_dir, "20300101000000_undo", "CREATE TABLE undo (i int);",
+        "SELECT 1;\nSELECT nope FROM undo;\n",
+    )  # fmt: skip
+    args = ("--batch", "--database", uri(db, SCHEMA), str(tenant.tenant_dir))
+    assert yoyo(tmp_path, "apply", *args).returncode == 0
+
+    line = error_line(yoyo(tmp_path, "rollback", "--revision", "20300101000000_undo", *args))
+
+    assert "20300101000000_undo.rollback.sql line 2" in line
+    assert 'column "nope" does not exist' in line
+    assert applied_ids(db, SCHEMA)[-1] == "20300101000000_undo"  # nothing of it undone
+
+
 def test_a_refused_migration_file_is_one_line_and_nothing_runs(tenant, tmp_path):
     db = tenant.connection
     write_migration(

@@ -14,10 +14,10 @@ from psycopg2 import extensions, sql
 from yoyo.migrations import Migration
 
 from . import log
-from .db import failure_from
+from .db import failure_from, iso_dates
 from .errors import Failure, NotReady
 from .scripts import Script
-from .session import RESET_SQL, MessageFailed, Session, script_for, step_direction
+from .session import RESET_SQL, MessageFailed, Session, raised, script_for, step_direction
 from .steps import Steps
 
 INVALID_INDEXES_SQL = (
@@ -53,6 +53,7 @@ def run_alone(session: Session, migration: Migration, operation: str, batch: int
         cursor.execute(
             RESET_SQL + "; SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))", params
         )
+        iso_dates(session.connection)
 
 
 def _invalid_indexes(session: Session, migration: Migration) -> None:
@@ -93,12 +94,14 @@ def _run_on_session(session: Session, migration: Migration, operation: str, para
             for offset, text in script.statements():
                 session.send_alone(text, migration, script, offset)
         elif script is not None:
-            steps = Steps(connection, session.schema == "public", migration.path)
+            steps = Steps(connection, session.schema == "public", migration.path, False)
             try:
                 migration.process_steps(steps, step_direction(operation))
             except psycopg2.Error as exc:
                 failure = failure_from(exc, migration.id, connection.info.user)
                 raise MessageFailed(failure) from None
+            except Exception as exc:  # refused SQL, or the migration's own code raised
+                raise MessageFailed(Failure(raised(exc), migration=migration.id)) from None
         if connection.info.transaction_status != extensions.TRANSACTION_STATUS_IDLE:
             raise MessageFailed(
                 Failure(
@@ -110,6 +113,7 @@ def _run_on_session(session: Session, migration: Migration, operation: str, para
         if connection.info.transaction_status != extensions.TRANSACTION_STATUS_IDLE:
             cursor.execute("ROLLBACK")  # a block of its own that failed, or was left open
         cursor.execute(RESET_SQL + "; SELECT pg_backend_pid()")
+        iso_dates(connection)
     if cursor.fetchone()[0] != pid:
         # A transaction-pooling PgBouncer handed us another server connection between
         # statements: the session settings (and lock) did not follow. Say so loudly.

@@ -218,9 +218,8 @@ def _rolling_back(
 
     def plans(states: dict[str, SchemaState], cursor) -> PlanFor:
         chosen = target
-        given = (target.steps, target.to, target.run) != (None, None, None)
-        if not given and (last := last_deploy(cursor, states, deploys)):
-            chosen = replace(target, run=last)
+        if (target.steps, target.to, target.run) == (None, None, None):
+            chosen = replace(target, run=last_deploy(cursor, states, deploys), deploy=True)
         guard = protect(cursor) if protect else (lambda todo: None)
         return lambda schema: RollbackPlan(schema, migrations, chosen, guard)
 

@@ -40,6 +40,25 @@ def connect(params: Mapping[str, str]):
     return connection
 
 
+def clean_session(connection) -> None:
+    """Leave nothing of one schema's work on the connection for the next: the server's own reset
+    (DISCARD ALL: settings, role, temp tables, prepared statements, LISTEN, session advisory
+    locks, WITH HOLD cursors, sequence state, cached plans), as PgBouncer cleans a server
+    connection before another client gets it. A message of its own: PostgreSQL runs it only
+    outside a transaction block."""
+    connection.cursor().execute("DISCARD ALL")
+    iso_dates(connection)
+
+
+def iso_dates(connection) -> None:
+    """Dates as psycopg2 reads them. It sets DateStyle to ISO at connect on servers that default
+    to another; a reset (DISCARD ALL, RESET ALL) or a migration's own SET DateStyle undoes that,
+    and a log read afterwards would fail on its first timestamp. Free unless it changed: the
+    server reports DateStyle whenever it does."""
+    if not (connection.get_parameter_status("DateStyle") or "ISO").startswith("ISO"):
+        connection.cursor().execute("SET DateStyle TO 'ISO'")
+
+
 def connection_failed(params: Mapping[str, str], exc: Exception) -> ConnectionFailed:
     """One line naming the connection by its parameters (never the password) and libpq's reason.
 

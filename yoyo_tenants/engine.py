@@ -13,15 +13,21 @@ When a message fails, nothing is sent again: `ROLLBACK TO SAVEPOINT` undoes the 
 was running, and the log's position under it says which one that was; the migrations before it
 stay in the transaction, to be committed (migrate, rollback) or not (provisioning). A lock
 timeout is retried after a pause, in a new transaction, so an app waits at most
-(retries + 1) x lock_timeout behind a tenant's DDL. After every transaction the session's
-settings and role are reset, so nothing a migration set reaches the next schema.
+(retries + 1) x lock_timeout behind a tenant's DDL.
+
+A schema's work is one transaction unless PostgreSQL needs a commit inside it: after a migration
+that adds an enum value (PostgreSQL hides the value from the rest of the transaction that added
+it) the transaction commits with that migration's log row, and the next migration starts a new
+one; a non-transactional migration runs between two. Whatever a migration leaves on the session
+(a temp table, a prepared statement) stays for that schema's later migrations; before the
+connection serves another schema, the runner cleans its whole session (db.clean_session).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from . import heads, log
 from .alone import run_alone
@@ -79,6 +85,14 @@ def mark_schema(connection, schema: str, options: RunOptions, choose) -> list:
 # -- one schema, start to finish -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Again:
+    """Another transaction is needed, starting from `known`: the log as the last one left it
+    (checked to be still so under the lock), or None to read it under the lock."""
+
+    known: Log | None = None
+
+
 def migrate_schema(
     connection,
     plan,
@@ -101,8 +115,8 @@ def migrate_schema(
     started = time.perf_counter()
     session = Session(connection, result.schema, options, atomic)
     try:
-        while _round(session, plan, result, options, known, prelude, atomic, fresh):
-            known, prelude, fresh = None, (), False
+        while again := _round(session, plan, result, options, known, prelude, atomic, fresh):
+            known, prelude, fresh = again.known, (), False
     except LockBusy as exc:
         result.skipped = True
         result.fail(str(exc))
@@ -115,52 +129,66 @@ def migrate_schema(
     return result
 
 
-def _round(session: Session, plan, result, options, known, prelude, atomic, fresh) -> bool:
-    """One transaction of a schema's work; True if another is needed (after a non-transactional
-    migration, a retry, or a log that moved under a scan)."""
+def _round(session: Session, plan, result, options, known, prelude, atomic, fresh) -> _Again | None:
+    """One transaction of a schema's work; what the next starts from, if another is needed
+    (after a migration PostgreSQL needs committed, a non-transactional one, a retry, or a log
+    that moved under a scan).
+
+    Between two transactions the schema's lock is let go: the next takes it again and first
+    checks that the log ends where this one left it, so a run that got in between is noticed
+    (and the log read again) rather than undone or repeated. A lock held on the session across
+    them would do the same, but would stay behind on a server connection of a
+    transaction-pooling PgBouncer, blocking the schema for every later run.
+    """
     try:
         current = session.begin(prelude=prelude) if known is None else known
         todo = plan.choose(current)
         if not todo and not prelude:
             if session.open:
                 session.commit()  # keeps a log table just made or converted
-            return False
+            return None
         if not session.open:
             session.begin(known=current, prelude=prelude, fresh=fresh)
-        for migration in todo:
+        for index, migration in enumerate(todo):
             if not migration.use_transactions:
                 break
             session.run(migration, plan.operation, plan.batch)
+            if session.must_commit and index + 1 < len(todo):
+                break  # what it added is hidden from the rest of its transaction
         else:
             if result.migrations or session.ran:
                 for hook in plan.hooks:
                     session.run(hook, log.HOOK)
         ran = migrations_of(session)
-        session.commit()
+        left = session.commit()
         result.migrations += ran
     except LogMoved:
-        return True
+        return _Again()
     except MessageFailed as failed:
         return _after_failure(session, result, options, failed.failure, atomic)
     rest = todo[len(ran) :]
-    if not rest or rest[0].use_transactions:
-        return False
+    if not rest:
+        return None
+    if rest[0].use_transactions:
+        return _Again(left)
     try:
         if run_alone(session, rest[0], plan.operation, plan.batch):
             result.migrations.append(rest[0].id)
     except MessageFailed as failed:  # its statements may have half happened: never retried
         result.failure = failed.failure
-        return False
-    return True
+        return None
+    return _Again()
 
 
-def _after_failure(session: Session, result, options, failure: Failure, atomic: bool) -> bool:
-    """Keep (or, `atomic`, drop) what ran before the failing migration; True to try again."""
+def _after_failure(
+    session: Session, result, options, failure: Failure, atomic: bool
+) -> _Again | None:
+    """Keep (or, `atomic`, drop) what ran before the failing migration; what to try again from."""
     if not session.open:  # the transaction is gone already
         if failure.migration is None and failure.sqlstate == LOCK_NOT_AVAILABLE:
             raise LockBusy(f"schema {result.schema} is locked by another run")
         result.failure = failure
-        return False
+        return None
     if atomic:
         session.rollback()
     else:
@@ -170,8 +198,8 @@ def _after_failure(session: Session, result, options, failure: Failure, atomic: 
     if failure.sqlstate == LOCK_NOT_AVAILABLE and result.retries < options.retries and not atomic:
         time.sleep(options.retry_pause * 2**result.retries)
         result.retries += 1
-        return True
+        return _Again()
     if result.retries:
         failure = failure.with_note(f"after {result.retries} retries")
     result.failure = failure
-    return False
+    return None

@@ -5,6 +5,7 @@ Library code raises these; only the task layer turns them into one line on stder
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,6 +67,17 @@ class UnsafeMigration(TenantsError):
         self.path, self.line, self.problem = path, line, problem
         where = f"{_shown(path)} line {line}" if line else _shown(path)
         super().__init__(f"{where}: {problem}")
+
+
+#: Names (org ids, migration ids) a message gives before counting the rest.
+FEW = 3
+
+
+def few(items: Sequence[str], shown: int = FEW) -> str:
+    """The first `shown` of many names, and how many more there are: `a, b, c and 7 more`.
+    A message stays one readable line whatever the count."""
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _shown(path) -> str:

@@ -14,7 +14,7 @@ from weakref import WeakKeyDictionary
 
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
-from .errors import MigrationsMissing, TenantsError, UsageError
+from .errors import FEW, MigrationsMissing, TenantsError, UsageError, few
 from .log import ACCEPT, AppliedMigration, Log, migration_checksum
 
 
@@ -23,9 +23,10 @@ class Drift(TenantsError):
 
     def __init__(self, schema: str, problems: list[str]):
         self.problems = problems
-        super().__init__(
-            f"drift in {schema}: {'; '.join(problems)} (fix the files, or pass --allow-drift)"
+        shown = "; ".join(problems[:FEW]) + (
+            f"; and {len(problems) - FEW} more" if len(problems) > FEW else ""
         )
+        super().__init__(f"drift in {schema}: {shown} (fix the files, or pass --allow-drift)")
 
 
 class ApplyPlan:
@@ -57,6 +58,9 @@ class RollbackTarget:
     run: int | None = None
     #: Undo a schema's base tables (its first batch), or the tenant registry, if asked to.
     yes: bool = False
+    #: Chosen by walking back one deploy (no target given): where what is left of a schema is
+    #: its base tables, there is nothing to roll back, rather than a refusal.
+    deploy: bool = False
 
     def __post_init__(self):
         if sum(x is not None for x in (self.steps, self.to, self.run)) > 1:
@@ -114,24 +118,34 @@ class RollbackPlan:
             rows = self.target.select(log.applied)
             if missing := [r.migration_id for r in rows if r.migration_hash not in self.files]:
                 raise MigrationsMissing(
-                    f"cannot roll back {', '.join(missing)} in {self.schema}: no such file"
+                    f"cannot roll back {few(missing)} in {self.schema}: no such file"
                 )
+            if self.target.deploy and not self.target.yes and self._base_only(rows, log):
+                rows = []  # only provisioning is left: walking back deploys stops there
             if not self.target.yes:
                 self._refuse(rows, log.applied)
             self.chosen = [row.migration_hash for row in rows]
         still_applied = {row.migration_hash for row in log.applied}
         return [self.files[h] for h in self.chosen if h in still_applied]
 
+    def _base_only(self, rows: list[AppliedMigration], log: Log) -> bool:
+        return self.schema != "public" and bool(_base(rows, log.applied))
+
     def _refuse(self, rows: list[AppliedMigration], applied: list[AppliedMigration]) -> None:
-        first = min((row.batch or 0 for row in applied), default=None)
-        base = [row.migration_id for row in rows if (row.batch or 0) == first]
+        base = _base(rows, applied)
         if base and self.schema != "public":
             raise WouldEmpty(
                 f"rolling back {self.schema} would undo its base tables (its first batch: "
-                f"{', '.join(base)}): pass --yes to do it anyway"
+                f"{few(base)}): pass --yes to do it anyway"
             )
         if reason := self.protect([self.files[row.migration_hash] for row in rows]):
             raise WouldEmpty(f"{reason}: pass --yes to do it anyway")
+
+
+def _base(rows: list[AppliedMigration], applied: list[AppliedMigration]) -> list[str]:
+    """Those of `rows` in the schema's first batch: its base tables, from provisioning."""
+    first = min((row.batch or 0 for row in applied), default=None)
+    return [row.migration_id for row in rows if (row.batch or 0) == first]
 
 
 #: What is pending (and the drift) for each distinct log a run meets, per folder of migrations:
@@ -174,7 +188,13 @@ def migration_sql(migration: Migration, operation: str) -> list[str]:
     if not migration.is_raw_sql():
         return [f"-- Python migration {migration.path}: runs its steps' code"]
     script = migration.rollback_script if operation == "rollback" else migration.script
-    return [f"{text};" for _, text in script.statements()] if script else []
+    if script is None:
+        return []
+    shown = []
+    for start, text in script.statements():
+        data = script.copy_data(start)
+        shown.append(f"{text};" if data is None else f"{text};\n{data}\\.")
+    return shown
 
 
 class RepairPlan:

@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .commands import SchemaStatus, Standing, Status
+from .errors import few
 from .lint import Report as LintReport
 from .provisioning import Deprovisioned, Provisioned, Restored
 from .results import Outcome, SchemaResult
@@ -35,12 +36,10 @@ from .waves import Wave
 
 #: Seconds between progress lines when stdout is not a terminal.
 PLAIN_PROGRESS_EVERY = 5.0
-#: Org ids (or migration ids) named in a line that stands for many.
-FEW = 3
 #: Ways of being behind listed by `status` before the rest are counted in one line.
 BEHIND_GROUPS = 5
 
-VERB = {"apply": "applied", "rollback": "rolled back"}
+VERB = {"apply": "applied", "rollback": "rolled back", "repair": "accepted"}
 #: How `status` names a group of tenants, where the standing's own word does not read right.
 GROUP = {Standing.DRIFT: "with drift", Standing.OLD_LAYOUT: "in the old layout"}
 DOING = {"apply": "migrating", "rollback": "rolling back"}
@@ -52,12 +51,6 @@ FAILED = (Outcome.FAILED, Outcome.SKIPPED, Outcome.UNKNOWN)
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """A count and its noun in the number the count asks for: `1 job`, `2 jobs`."""
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
-
-
-def few(items: Sequence[str], shown: int = FEW) -> str:
-    """The first `shown` of many names, and how many more there are: `a, b, c and 7 more`."""
-    more = len(items) - shown
-    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 class Detail(Enum):
@@ -115,6 +108,7 @@ def run_summary(
         f"{run.count(Outcome.UP_TO_DATE)} {'up to date' if applying else 'unchanged'}",
         f"{run.count(Outcome.FAILED)} failed",
     ]
+
     if run.count(Outcome.SKIPPED):
         parts.append(f"{run.count(Outcome.SKIPPED)} skipped (locked)")
     if run.count(Outcome.NOT_STARTED):
@@ -124,6 +118,13 @@ def run_summary(
             f"{run.count(Outcome.UNKNOWN)} unknown (the server went away as they committed)"
         )
     ran = f" (run {run.run})" if run.run else ""
+    if not applying and run.ok and not run.count(Outcome.DONE):
+        console.print(f"{what}: nothing to roll back")
+    partly = [r for r in run.failed if r.migrations]  # committed some before failing
+    if partly:
+        done = plural(sum(len(r.migrations) for r in partly), "migration")
+        failed = plural(len(partly), "failed schema")
+        ran += f"; {failed} {VERB[run.direction]} {done} before failing"
     console.print(f"{what}: {', '.join(parts)} in {run.duration:.2f}s{ran}")
     if run.interrupted:
         console.print("interrupted: no new schema was started after the signal")
@@ -140,19 +141,24 @@ def _failures(console: Console, run: RunResult, shown: set[Outcome]) -> None:
     # Plain lines, not a table: ids and errors must survive narrow terminals and CI logs whole.
     for r in run.failed:
         if r.outcome in shown:
-            console.print(failure(r))
+            console.print(failure(r, run.direction))
 
 
-def failure(r: SchemaResult) -> str:
+def failure(r: SchemaResult, direction: str = "apply") -> str:
+    """A schema that was not done, in one line. A rollback that undid some migrations before it
+    failed says which (they stay undone: see engine.py); a migrate's summary counts those."""
     migration = r.failure.migration if r.failure else None
     where = f" in {migration}" if migration else ""
-    return f"{r.outcome.value}: {_name(r)}{where}: {r.failure or 'the run stopped first'}"
+    line = f"{r.outcome.value}: {_name(r)}{where}: {r.failure or 'the run stopped first'}"
+    if r.migrations and direction == "rollback":
+        line += f" (rolled back {len(r.migrations)} before it: {few(r.migrations)})"
+    return line
 
 
 def run_error(run: RunResult) -> str:
     """The one line for stderr when a run did not do everything."""
     if len(run.failed) == 1:
-        return f"error: {failure(run.failed[0])}"
+        return f"error: {failure(run.failed[0], run.direction)}"
     stopped = " (interrupted)" if run.interrupted else ""
     return f"error: {len(run.failed)} of {plural(len(run.schemas), 'schema')} not done{stopped}"
 
@@ -172,6 +178,8 @@ def run_json(run: RunResult) -> dict:
                 "schema": r.schema,
                 "status": r.outcome.value,
                 "migrations": r.migrations,
+                # Failed after committing some migrations (those in "migrations").
+                "partial": bool(r.failure and r.migrations),
                 "failed_migration": r.failure.migration if r.failure else None,
                 "error": str(r.failure) if r.failure else None,
                 "sqlstate": r.failure.sqlstate if r.failure else None,

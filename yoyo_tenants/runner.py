@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import psycopg2
 from psycopg2 import sql
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE as IDLE
 from yoyo.migrations import MigrationList
 
 from . import heads, log
-from .db import connect, connection_lost, error_text
+from .db import clean_session, connect, connection_lost, error_text
 from .errors import ConnectionFailed, TenantsError
 from .log import AppliedMigration, Log, migration_checksum
 from .results import ConnectionLost, Outcome, SchemaResult
@@ -242,7 +243,7 @@ def run_schemas(
 
     def worker() -> None:
         """Take schemas one at a time until none are left, on one connection for them all."""
-        connection = None
+        connection, served = None, False
         try:
             while (result := _next(queue, take)) is not None:
                 if stop.is_set():
@@ -250,13 +251,16 @@ def run_schemas(
                     continue
                 if connection is None:
                     try:
-                        connection = connect(params)
+                        connection, served = connect(params), False
                     except ConnectionFailed as exc:  # the server is gone: start nothing more
                         result.skipped = True
                         result.fail(str(exc))
                         stop.set()
                         continue
                 try:
+                    if served:  # each schema starts from a clean session
+                        clean_session(connection)
+                    served = True
                     action(connection, result)
                 except ConnectionLost as lost:
                     result.fail(lost.reason)
@@ -266,7 +270,8 @@ def run_schemas(
                 except psycopg2.Error as exc:  # outside any migration: a dropped connection
                     lost = connection.closed
                     result.fail(connection_lost(exc) if lost else error_text(exc))
-                if connection.closed:
+                if connection.closed or connection.info.transaction_status != IDLE:
+                    connection.close()  # a session left in an unknown state is not reused:
                     connection = None  # the next schema gets a fresh one
                 if result.failure and fail_fast:
                     stop.set()

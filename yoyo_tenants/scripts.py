@@ -9,16 +9,29 @@ into the next tenant the connection serves. A file holding one is refused, by li
 schema is touched; `check_sql` does the same for the SQL of a Python migration's steps as they
 run. What a statement can do at run time that no parser sees (a function or DO block calling
 set_config) is caught by the engine's guard after each migration (see engine.py).
+
+A file is read as psql reads it: the data lines after a `COPY ... FROM stdin;` (up to a line
+`\\.`) are data, not SQL. Two more things are told before anything runs: the statements that
+PostgreSQL will not run inside a transaction block (a transactional file holding one is refused),
+and the ones whose effects PostgreSQL hides from the rest of their transaction (`ALTER TYPE ...
+ADD VALUE`): a migration holding one commits before the next migration runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pglast import ast, parser, visitors
-from pglast.enums import ObjectType, TransactionStmtKind, VariableSetKind
+from pglast.enums import (
+    AlterTableType,
+    ObjectType,
+    ReindexObjectType,
+    TransactionStmtKind,
+    VariableSetKind,
+)
 from yoyo.migrations import parse_metadata_from_sql_comments
 
 from .errors import UnsafeMigration
@@ -67,6 +80,10 @@ WRAPPED = (
 )
 
 
+#: A statement of a file: where it starts and ends in the file's text, and its parse tree.
+Parsed = tuple[int, int, ast.Node]
+
+
 @dataclass(frozen=True)
 class Script:
     """A migration file's SQL, as read: its text and where each statement starts and ends."""
@@ -77,11 +94,36 @@ class Script:
     spans: tuple[tuple[int, int], ...]
     transactional: bool
     depends: tuple[str, ...]
+    #: The data of each COPY ... FROM stdin, by the start of its statement: where its lines
+    #: start and end in `text`, and where the SQL goes on after them (past the `\\.` line).
+    data: Mapping[int, tuple[int, int, int]] = field(default_factory=dict)
+    #: It adds an enum value, which PostgreSQL lets nothing use before the adding transaction
+    #: commits: the schema's transaction commits after it (see engine.py).
+    needs_commit: bool = False
 
     def statements(self) -> Iterator[tuple[int, str]]:
         """Each statement's start offset and text."""
         for start, end in self.spans:
             yield start, self.text[start:end]
+
+    def copy_data(self, start: int) -> str | None:
+        """The data lines of the COPY ... FROM stdin starting at `start` (None: not one)."""
+        found = self.data.get(start)
+        return None if found is None else self.text[found[0] : found[1]]
+
+    def pieces(self) -> Iterator[tuple[int, str, str | None]]:
+        """The file as it can be sent: (offset, text, None) for a run of SQL statements that can
+        go in one message, (offset, statement, data) for a COPY ... FROM stdin and its data."""
+        done = 0
+        for start, end in self.spans:
+            if start not in self.data:
+                continue
+            if self.text[done:start].strip():
+                yield done, self.text[done:start], None
+            yield start, self.text[start:end], self.copy_data(start)
+            done = self.data[start][2]
+        if self.text[done:].strip():
+            yield done, self.text[done:], None
 
     def line_at(self, offset: int) -> int:
         """The 1-based line of the character at `offset`."""
@@ -92,37 +134,131 @@ def read_script(path: Path, public: bool) -> Script:
     """Read and check a .sql migration (or its .rollback.sql); UnsafeMigration if it may not run.
 
     `public`: the file migrates the public schema, which may set its search path for the
-    transaction (SET LOCAL); a tenant migration may not set it at all.
+    transaction (SET LOCAL) and create extensions; a tenant migration may do neither.
     """
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UnsafeMigration(path, None, f"is not valid UTF-8 (byte {exc.start})") from None
     try:
-        raw = parser.parse_sql(text)
+        parsed, data = parse(text)
     except parser.ParseError as exc:
         offset = exc.args[1] if len(exc.args) > 1 else 0
         line = text.count("\n", 0, offset) + 1
         raise UnsafeMigration(path, line, f"{exc.args[0]} (PostgreSQL 18's parser)") from None
-    spans = tuple(
-        (s.stmt_location, s.stmt_location + s.stmt_len if s.stmt_len else len(text)) for s in raw
-    )
+    except CopyDataError as exc:
+        raise UnsafeMigration(path, text.count("\n", 0, exc.offset) + 1, str(exc)) from None
+    spans = tuple((start, end) for start, end, _ in parsed)
     # Directives (-- depends:, -- transactional:) are the comments before the first statement.
     head = text[: spans[0][0]] if spans else text
     directives, _, _ = parse_metadata_from_sql_comments(head)
     transactional = directives.get("transactional", "true").strip().lower() != "false"
-    script = Script(path, text, spans, transactional, tuple(directives.get("depends", "").split()))
-    problem = _problem(raw, text, transactional, public)
+    script = Script(
+        path,
+        text,
+        spans,
+        transactional,
+        tuple(directives.get("depends", "").split()),
+        data,
+        any(_hidden_until_commit(node) for _, _, node in parsed),
+    )
+    problem = _problem(parsed, text, transactional, public)
     if problem:
         offset, message = problem
         raise UnsafeMigration(path, None if offset is None else script.line_at(offset), message)
     return script
 
 
+class CopyDataError(ValueError):
+    """A COPY ... FROM stdin whose data does not start on the next line."""
+
+    def __init__(self, offset: int, message: str):
+        super().__init__(message)
+        self.offset = offset
+
+
+#: The line that ends a COPY's data, as psql reads it.
+END_OF_DATA = re.compile(r"^\\\.\r?$", re.MULTILINE)
+
+
+def parse(text: str) -> tuple[list[Parsed], dict[int, tuple[int, int, int]]]:
+    """The statements of `text`, and the data of each COPY ... FROM stdin by its start, read as
+    psql reads a file: after such a statement's line come data lines, up to a line holding only
+    `\\.` (or the end of the text). ParseError (its location in `text`) if it is not SQL."""
+    statements: list[Parsed] = []
+    data: dict[int, tuple[int, int, int]] = {}
+    done = 0
+    while done < len(text):
+        rest = text[done:]
+        try:
+            raw, failed = parser.parse_sql(rest), None
+        except parser.ParseError as exc:
+            # Everything before the error is SQL; data lines after a COPY are the usual cause.
+            raw, failed = _complete_before(rest, exc.args[1]), exc
+        copy = None
+        for statement in raw:
+            start = done + statement.stmt_location
+            end = start + statement.stmt_len if statement.stmt_len else len(text)
+            statements.append((start, end, statement.stmt))
+            if _copy_from_stdin(statement.stmt):
+                copy = (start, end)
+                break
+        if copy is None:
+            if failed is not None:
+                raise parser.ParseError(failed.args[0], done + failed.args[1])
+            break
+        done = _read_copy_data(text, *copy, data)
+    return statements, data
+
+
+def _complete_before(text: str, location: int) -> Sequence[ast.RawStmt]:
+    """The whole statements of `text` before `location`, where the parser stopped: up to the
+    last semicolon before it (the text up to there is SQL, or the parser would have stopped
+    sooner)."""
+    ends = [token.end for token in parser.scan(text[:location]) if token.name == "ASCII_59"]
+    return parser.parse_sql(text[: ends[-1] + 1]) if ends else ()
+
+
+def _read_copy_data(text: str, start: int, end: int, data: dict) -> int:
+    """Note the data of the COPY at start:end; returns where the SQL goes on after it."""
+    semicolon = text.find(";", end)
+    if semicolon < 0:  # the file's last statement: no data
+        data[start] = (len(text), len(text), len(text))
+        return len(text)
+    newline = text.find("\n", semicolon)
+    newline = len(text) if newline < 0 else newline
+    after = text[semicolon + 1 : newline].strip()
+    if after and not after.startswith("--"):
+        raise CopyDataError(
+            semicolon, "COPY ... FROM stdin must end its line: its data starts on the next line"
+        )
+    first = min(newline + 1, len(text))
+    marker = END_OF_DATA.search(text, first)
+    if marker is None:
+        data[start] = (first, len(text), len(text))
+        return len(text)
+    data[start] = (first, marker.start(), marker.end())
+    return marker.end()
+
+
+def _copy_from_stdin(node: ast.Node) -> bool:
+    return (
+        isinstance(node, ast.CopyStmt)
+        and bool(node.is_from)
+        and node.filename is None
+        and not node.is_program
+    )
+
+
+def _hidden_until_commit(node: ast.Node) -> bool:
+    """Whether PostgreSQL hides the statement's effect from the rest of its transaction: a new
+    enum value cannot be used before the transaction that added it commits (ALTER TYPE)."""
+    return isinstance(node, ast.AlterEnumStmt) and node.oldVal is None
+
+
 def drops_table(script: Script, schema: str, table: str) -> bool:
     """Whether `script` drops `schema`.`table` (named as such, or unqualified)."""
-    for statement in parser.parse_sql(script.text):
-        node = statement.stmt
+    for _, _, node in parse(script.text)[0]:
         if isinstance(node, ast.DropStmt) and node.removeType == ObjectType.OBJECT_TABLE:
             names = [[part.sval for part in name] for name in node.objects]
             if [schema, table] in names or [table] in names:
@@ -130,43 +266,118 @@ def drops_table(script: Script, schema: str, table: str) -> bool:
     return False
 
 
-def check_sql(text: str, public: bool, where: str) -> None:
-    """Check SQL a Python migration's step runs, as read_script checks a file."""
+def check_sql(text: str, public: bool, where: str, transactional: bool = True) -> bool:
+    """Check SQL a Python migration's step runs, as read_script checks a file; whether it must
+    commit before the next migration runs (see Script.needs_commit)."""
     try:
-        raw = parser.parse_sql(text)
-    except parser.ParseError:
-        return  # the server will say what is wrong with it
-    if problem := _problem(raw, text, transactional=True, public=public):
+        parsed, _ = parse(text)
+    except (parser.ParseError, CopyDataError):
+        return False  # the server will say what is wrong with it
+    if problem := _problem(parsed, text, transactional, public):
         raise UnsafeMigration(Path(where), None, problem[1])
+    return any(_hidden_until_commit(node) for _, _, node in parsed)
 
 
 def _problem(
-    raw: Sequence[ast.RawStmt], text: str, transactional: bool, public: bool
+    parsed: Sequence[Parsed], text: str, transactional: bool, public: bool
 ) -> tuple[int | None, str] | None:
     """The first statement that may not run, as (offset, what to do), or None."""
-    if transactional and _wrapped(raw):
+    if transactional and _wrapped(parsed):
         return None, WRAPPED
-    for statement in raw:
-        node = statement.stmt
+    for start, end, node in parsed:
         if transactional and isinstance(node, ast.TransactionStmt):
-            return statement.stmt_location, TRANSACTION_ADVICE[node.kind]
-        if message := _session_change(node, text, statement, public):
-            return statement.stmt_location, message
+            return start, TRANSACTION_ADVICE[node.kind]
+        if transactional and (name := outside_transaction(node)):
+            return start, (
+                f"{name} cannot run inside a transaction block, and this migration runs in one: "
+                "move it to a migration of its own whose first line is '-- transactional: false'"
+            )
+        if not public and (name := _extension_change(node)):
+            return start, (
+                f"{name} in a tenant migration: an extension is the database's, not a tenant's "
+                "(every tenant would run it, at once): put it in a master migration "
+                "(migrations/master), e.g. CREATE EXTENSION IF NOT EXISTS name WITH SCHEMA public"
+            )
+        if isinstance(node, ast.CopyStmt) and not node.is_from and node.filename is None:
+            return start, (
+                "COPY ... TO stdout would send rows to the migration tool, which has nowhere to "
+                "put them: remove it"
+            )
+        if message := _session_change(node, text[start:end], public):
+            return start, message
     return None
 
 
-def _wrapped(raw: Sequence[ast.RawStmt]) -> bool:
+def outside_transaction(node: ast.Node) -> str | None:
+    """The name of a statement PostgreSQL never runs inside a transaction block, or None."""
+    if isinstance(node, ast.IndexStmt) and node.concurrent:
+        return "CREATE INDEX CONCURRENTLY"
+    if isinstance(node, ast.DropStmt) and node.concurrent:
+        return "DROP INDEX CONCURRENTLY"
+    if isinstance(node, ast.ReindexStmt):
+        if any(option.defname == "concurrently" for option in node.params or ()):
+            return "REINDEX CONCURRENTLY"
+        if node.kind in _REINDEX_MANY:
+            return f"REINDEX {_REINDEX_MANY[node.kind]}"
+    if isinstance(node, ast.VacuumStmt) and node.is_vacuumcmd:
+        return "VACUUM"
+    if isinstance(node, ast.ClusterStmt) and node.relation is None:
+        return "CLUSTER without a table"
+    if isinstance(node, ast.AlterDatabaseStmt) and any(
+        option.defname == "tablespace" for option in node.options or ()
+    ):
+        return "ALTER DATABASE ... SET TABLESPACE"
+    if isinstance(node, ast.AlterTableStmt) and any(
+        command.subtype == AlterTableType.AT_DetachPartition and command.def_.concurrent
+        for command in node.cmds or ()
+    ):
+        return "DETACH PARTITION ... CONCURRENTLY"
+    return _NEVER_IN_TRANSACTION.get(type(node))
+
+
+_REINDEX_MANY = {
+    ReindexObjectType.REINDEX_OBJECT_SCHEMA: "SCHEMA",
+    ReindexObjectType.REINDEX_OBJECT_SYSTEM: "SYSTEM",
+    ReindexObjectType.REINDEX_OBJECT_DATABASE: "DATABASE",
+}
+_NEVER_IN_TRANSACTION = {
+    ast.AlterSystemStmt: "ALTER SYSTEM",
+    ast.CreatedbStmt: "CREATE DATABASE",
+    ast.DropdbStmt: "DROP DATABASE",
+    ast.CreateTableSpaceStmt: "CREATE TABLESPACE",
+    ast.DropTableSpaceStmt: "DROP TABLESPACE",
+}
+
+
+def _extension_change(node: ast.Node) -> str | None:
+    """The name of a statement that creates, drops or changes an extension, or None."""
+    if isinstance(node, ast.CreateExtensionStmt):
+        return "CREATE EXTENSION"
+    if isinstance(node, (ast.AlterExtensionStmt, ast.AlterExtensionContentsStmt)):
+        return "ALTER EXTENSION"
+    if isinstance(node, ast.DropStmt) and node.removeType == ObjectType.OBJECT_EXTENSION:
+        return "DROP EXTENSION"
+    if (
+        isinstance(node, ast.AlterObjectSchemaStmt)
+        and node.objectType == ObjectType.OBJECT_EXTENSION
+    ):
+        return "ALTER EXTENSION"
+    return None
+
+
+def _wrapped(parsed: Sequence[Parsed]) -> bool:
     starts = (TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START)
+    first, last = (parsed[0][2], parsed[-1][2]) if parsed else (None, None)
     return (
-        len(raw) >= 2
-        and isinstance(raw[0].stmt, ast.TransactionStmt)
-        and raw[0].stmt.kind in starts
-        and isinstance(raw[-1].stmt, ast.TransactionStmt)
-        and raw[-1].stmt.kind == TransactionStmtKind.TRANS_STMT_COMMIT
+        len(parsed) >= 2
+        and isinstance(first, ast.TransactionStmt)
+        and first.kind in starts
+        and isinstance(last, ast.TransactionStmt)
+        and last.kind == TransactionStmtKind.TRANS_STMT_COMMIT
     )
 
 
-def _session_change(node, text: str, statement: ast.RawStmt, public: bool) -> str | None:
+def _session_change(node, statement: str, public: bool) -> str | None:
     """What is wrong with a statement that changes where or as whom the migration runs."""
     if isinstance(node, ast.DiscardStmt):
         return "DISCARD would drop the session's state, the schema's search path too: remove it"
@@ -184,9 +395,7 @@ def _session_change(node, text: str, statement: ast.RawStmt, public: bool) -> st
             return _setting_advice(name, bool(node.is_local), public, what)
         return None
     # A statement's text can only call set_config by spelling its name, or with a U& escape.
-    start = statement.stmt_location
-    end = start + statement.stmt_len if statement.stmt_len else len(text)
-    lowered = text[start:end].lower()
+    lowered = statement.lower()
     if "set_config" in lowered or "u&" in lowered:
         for name, value, local in _set_config_calls(node):
             if name is None:

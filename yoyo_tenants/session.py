@@ -8,6 +8,7 @@ message fails it finds which migration was running without sending anything agai
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from psycopg2 import extensions, sql
 from yoyo.migrations import Migration
 
 from . import heads, log
-from .db import connection_lost, failure_from
+from .db import connection_lost, failure_from, iso_dates
 from .errors import Failure, TenantsError
 from .log import Log, log_identity, migration_checksum
 from .results import ConnectionLost, RunOptions
@@ -64,8 +65,8 @@ STRINGS_GUARD_SQL = (
     f"ELSE ('{GUARD_MARK}the migration changed standard_conforming_strings to ' "
     "|| current_setting('standard_conforming_strings'))::int END"
 )
-#: Whatever a migration set on the session goes with its transaction: the next schema on this
-#: connection starts as the connection did.
+#: The settings a non-transactional migration runs with are the session's (see alone.py): given
+#: back after it. (Between schemas, the runner cleans the whole session: see db.clean_session.)
 RESET_SQL = "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL"
 #: Before the first migration, when the caller knows the log from a scan: it is still there.
 MOVED = "log moved"
@@ -113,6 +114,7 @@ class _Part:
     script: Script | None = None
     offset: int = 0  # where `text` starts in the script
     alone: bool = False  # a statement Citus must get in a message of its own
+    data: str | None = None  # a COPY ... FROM stdin's data: the statement is sent by itself
 
 
 class Session:
@@ -147,6 +149,9 @@ class Session:
         self._batch: int | None = None
         #: Whether the index already says what the log said when the transaction began.
         self._indexed = True
+        #: The last migration run hides its effects from the rest of the transaction (it added
+        #: an enum value): the transaction must commit before the next migration runs.
+        self.must_commit = False
 
     # -- the transaction ---------------------------------------------------------------------
 
@@ -168,7 +173,7 @@ class Session:
         """
         assert not self.open
         self.open, self.ran, self.base, self._batch = True, [], Log([]), None
-        self._indexed = True
+        self._indexed, self.must_commit = True, False
         self._queue(self._mogrify(BEGIN_SQL, self.params()))
         for statement in prelude:
             text = self._text(statement)
@@ -222,24 +227,27 @@ class Session:
         self.flush()
         return Log.from_rows(self.cursor.fetchall())
 
-    def commit(self) -> None:
+    def commit(self) -> Log:
+        """Commit the transaction; the log as it leaves it."""
         for text in self._rows:
             self._queue(text)
         self._rows = []
+        after = self.base.after(self.ran, self._batch)
+        after.position = self.start + len(self.ran)
         if self.options.heads and (self.ran or not self._indexed):
-            self._queue(self._mogrify(heads.UPSERT_SQL, self._head()))
-        self._queue("COMMIT; " + RESET_SQL)
+            self._queue(self._mogrify(heads.UPSERT_SQL, self._head(after)))
+        self._queue("COMMIT")
         self.flush()
         self.open = False
-        self._reset_datestyle()
+        iso_dates(self.connection)
+        return after
 
-    def _head(self) -> dict:
+    def _head(self, after: Log) -> dict:
         """The schema's row in the heads index, as this transaction leaves its log."""
-        after = self.base.after(self.ran, self._batch)
         return {
             "schema": self.schema,
             "log": self.log_table.as_string(self.connection),
-            "position": self.start + len(self.ran),
+            "position": after.position,
             "applied": heads.digest_of(after.applied),
             "batch": after.last_batch,
         }
@@ -248,10 +256,10 @@ class Session:
         """End the transaction, keeping nothing of it."""
         self._parts, self._rows = [], []
         try:
-            self.cursor.execute("ROLLBACK; " + RESET_SQL)
+            self.cursor.execute("ROLLBACK")
         finally:
             self.open, self.ran = False, []
-        self._reset_datestyle()
+        iso_dates(self.connection)
 
     # -- migrations --------------------------------------------------------------------------
 
@@ -265,9 +273,10 @@ class Session:
         script = script_for(migration, operation)
         if isinstance(script, Script):
             self._queue_script(migration, script)
+            self.must_commit = script.needs_commit
         elif script is not None:  # a Python migration: its steps run now, on this connection
             self.flush()
-            self._run_steps(migration, operation)
+            self.must_commit = self._run_steps(migration, operation)
         self._queue_row(migration, operation, batch)
         if script is True:
             # Checked now, before the next migration's text reaches the server.
@@ -326,30 +335,39 @@ class Session:
     def _queue_script(self, migration: Migration, script: Script) -> None:
         if self.options.citus:
             for offset, text in script.statements():
-                self._queue(text, migration, script, offset, alone=True)
+                self._queue(text, migration, script, offset, True, script.copy_data(offset))
         else:
-            self._queue(script.text, migration, script)
+            for offset, text, data in script.pieces():
+                self._queue(text, migration, script, offset, data is not None, data)
 
-    def _run_steps(self, migration: Migration, operation: str) -> None:
+    def _run_steps(self, migration: Migration, operation: str) -> bool:
+        """Run a Python migration's steps; whether they must commit before the next one."""
         steps = Steps(self.connection, self.schema == "public", migration.path)
         try:
             migration.process_steps(steps, step_direction(operation))
         except psycopg2.Error as exc:
             raise self._failed(exc, []) from None
-        except TenantsError as exc:  # a step's SQL was refused before it ran
+        except Exception as exc:  # refused SQL, or the migration's own code raised
             self.cursor.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
             self.ran.pop()
-            raise MessageFailed(Failure(str(exc), migration=migration.id)) from None
+            raise MessageFailed(Failure(raised(exc), migration=migration.id)) from None
+        return steps.needs_commit
 
     # -- sending -----------------------------------------------------------------------------
 
-    def _queue(self, text: str, migration=None, script=None, offset=0, alone=False) -> None:
-        if alone and self.options.citus:
+    def _queue(
+        self, text: str, migration=None, script=None, offset=0, alone=False, data=None
+    ) -> None:
+        part = _Part(text, migration, script, offset, alone, data)
+        if data is not None:  # COPY ... FROM stdin: the statement alone, then its data
             self.flush()
-            self._parts.append(_Part(text, migration, script, offset, alone))
+            self._copy(part)
+        elif alone and self.options.citus:
+            self.flush()
+            self._parts.append(part)
             self.flush()
         else:
-            self._parts.append(_Part(text, migration, script, offset, alone))
+            self._parts.append(part)
 
     def flush(self) -> None:
         """Send what is queued, as one message; MessageFailed (or LogMoved) if it fails."""
@@ -362,6 +380,13 @@ class Session:
             self.cursor.execute(message)
         except psycopg2.Error as exc:
             raise self._failed(exc, parts) from None
+
+    def _copy(self, part: _Part) -> None:
+        """Send a COPY ... FROM stdin and its data, as psql does."""
+        try:
+            self.cursor.copy_expert(part.text, io.StringIO(part.data))
+        except psycopg2.Error as exc:
+            raise self._failed(exc, [part]) from None
 
     def _failed(self, exc: psycopg2.Error, parts: list[_Part]) -> Exception:
         """After `exc` failed a message: find which migration was running, keep the ones before
@@ -416,16 +441,14 @@ class Session:
             "statement_timeout": _ms(self.options.statement_timeout),
         }
 
-    def _reset_datestyle(self) -> None:
-        # psycopg2 sets DateStyle to ISO at connect on servers that default to another, and
-        # reads dates that way; RESET ALL undoes it.
-        if not (self.connection.get_parameter_status("DateStyle") or "ISO").startswith("ISO"):
-            self.cursor.execute("SET DateStyle TO 'ISO'")
-
     def send_alone(self, text: str, migration: Migration, script: Script, offset: int) -> None:
         """Send one statement of a migration, outside any transaction; MessageFailed naming
         its file and line if it fails."""
-        self._parts.append(_Part(text, migration, script, offset, alone=True))
+        part = _Part(text, migration, script, offset, True, script.copy_data(offset))
+        if part.data is not None:
+            self._copy(part)
+            return
+        self._parts.append(part)
         self.flush()
 
 
@@ -437,6 +460,12 @@ ROW_VALUES_KEPT = 10_000
 def lock_key(schema: str) -> str:
     """The advisory lock key of a schema: held by whoever migrates it."""
     return f"yoyo-tenants:{schema}"
+
+
+def raised(exc: Exception) -> str:
+    """What a Python migration's steps raised, in words: ours as they are, anything else (a bug
+    in the migration's code) by its type too."""
+    return str(exc) if isinstance(exc, TenantsError) else f"{type(exc).__name__}: {exc}"
 
 
 def script_for(migration: Migration, operation: str) -> Script | bool | None:

@@ -28,13 +28,19 @@ class Steps:
     DatabaseError = psycopg2.DatabaseError
     has_transactional_ddl = True
 
-    def __init__(self, connection, public: bool, where: str):
-        self.connection = CheckedConnection(connection, public, where)
+    def __init__(self, connection, public: bool, where: str, transactional: bool = True):
+        self.connection = CheckedConnection(connection, public, where, transactional)
         self._own = connection  # for the savepoints below, which are ours, not the migration's
         self._savepoints = 0
 
     def cursor(self):
         return self.connection.cursor(quiet=True)
+
+    @property
+    def needs_commit(self) -> bool:
+        """Whether the steps ran SQL whose effect stays hidden until it commits (see
+        scripts.Script.needs_commit)."""
+        return self.connection.needs_commit
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -58,13 +64,16 @@ class CheckedConnection:
     """A psycopg2 connection whose cursors check what they run; anything else is the
     connection's own."""
 
-    def __init__(self, connection, public: bool, where: str):
+    def __init__(self, connection, public: bool, where: str, transactional: bool = True):
         self._connection, self._public, self._where = connection, public, where
+        self._transactional = transactional
+        self.needs_commit = False
 
     def cursor(self, *args, cursor_factory=None, quiet: bool = False, **kwargs):
         factory = cursor_factory or self._connection.cursor_factory or extensions.cursor
         cursor = self._connection.cursor(*args, cursor_factory=_checked(factory, quiet), **kwargs)
-        cursor.public, cursor.where = self._public, self._where
+        cursor.public, cursor.where, cursor.owner = self._public, self._where, self
+        cursor.transactional = self._transactional
         return cursor
 
     def __getattr__(self, name):
@@ -77,21 +86,26 @@ def _checked(factory: type, quiet: bool) -> type:
     showing yoyo no result rows to print)."""
 
     class Checked(factory):
-        public, where = False, ""
+        public, where, owner, transactional = False, "", None, True
 
         def _check(self, query) -> None:
             if isinstance(query, sql.Composable):
                 query = query.as_string(self)
             if isinstance(query, bytes):
                 query = query.decode(extensions.encodings.get(self.connection.encoding, "utf-8"))
-            check_sql(query, self.public, self.where)
+            needs_commit = check_sql(query, self.public, self.where, self.transactional)
+            if needs_commit and self.owner is not None:
+                self.owner.needs_commit = True
 
         def execute(self, query, vars=None):
-            self._check(query)
+            # Checked as the server will read it: a parameter can name an enum value too.
+            self._check(query if vars is None else self.mogrify(query, vars))
             return super().execute(query, vars)
 
         def executemany(self, query, vars_list):
-            self._check(query)
+            vars_list = list(vars_list)
+            for vars in vars_list[:1] or [None]:
+                self._check(query if vars is None else self.mogrify(query, vars))
             return super().executemany(query, vars_list)
 
         def copy_expert(self, query, file, size=8192):
