@@ -86,6 +86,32 @@ def test_every_key_is_read(tmp_path):
     assert settings.tenants_query == "SELECT id, schema_name FROM public.accounts WHERE active"
 
 
+def test_the_deploy_keys_are_read(tmp_path):
+    for folder in ("listed", "queried", "none"):
+        (tmp_path / folder).mkdir()
+    listed = project(
+        tmp_path / "listed",
+        "[tool.yoyo-tenants]\n"
+        'canary-tenants = ["org_canary1", "org_canary2"]\n'
+        'lint-exclude = ["prefer-bigint-over-int"]\n'
+        'lint-include = ["require-timeout-settings"]\n',
+    )
+    queried = project(
+        tmp_path / "queried",
+        "[tool.yoyo-tenants]\n"
+        "canary-tenants = 'SELECT clerk_org_id, schema_name FROM public.tenants WHERE internal'\n",
+    )
+
+    settings = Settings.load(listed, environ={})
+    assert settings.canary_tenants == ("org_canary1", "org_canary2")
+    assert settings.lint_exclude == ("prefer-bigint-over-int",)
+    assert settings.lint_include == ("require-timeout-settings",)
+    assert Settings.load(queried, environ={}).canary_tenants == (
+        "SELECT clerk_org_id, schema_name FROM public.tenants WHERE internal"
+    )
+    assert Settings.load(project(tmp_path / "none", None), environ={}).canary_tenants is None
+
+
 def test_one_key_leaves_the_others_at_their_defaults(tmp_path):
     root = project(tmp_path, '[tool.yoyo-tenants]\ntenant-migrations = "sql/tenant"\n')
     settings = Settings.load(root, environ={})
@@ -122,6 +148,14 @@ def test_the_folders_are_relative_to_the_project_not_to_the_working_folder(tmp_p
         ('tenant-migrations = "migrations/master/"', "are the same folder"),
         ('tenant_migrations = "db/tenant"', "unknown key 'tenant_migrations'"),
         ('tenant-query = "SELECT 1"', "unknown key 'tenant-query'"),
+        ("canary-tenants = 1", "canary-tenants must be a query or a list of org ids"),
+        ('canary-tenants = ["org_a", 2]', "canary-tenants must be a query or a list of org ids"),
+        ('canary-tenants = [" "]', "canary-tenants must be a query or a list of org ids"),
+        ("canary-tenants = []", "canary-tenants is empty"),
+        ('canary-tenants = " "', "canary-tenants is empty"),
+        ('lint-exclude = "prefer-text-field"', "lint-exclude must be a list of squawk rule names"),
+        ('lint-include = ["--config=/etc/x"]', "lint-include: '--config=/etc/x' is not a squawk "),
+        ('lint-exclude = ["Prefer Text"]', "lint-exclude: 'Prefer Text' is not a squawk rule"),
     ],
 )
 def test_a_wrong_key_or_value_is_a_config_error_naming_the_key(tmp_path, line, says):
@@ -133,8 +167,8 @@ def test_a_wrong_key_or_value_is_a_config_error_naming_the_key(tmp_path, line, s
 def test_an_unknown_key_is_named_with_the_known_ones(tmp_path):
     message = refusal(project(tmp_path, '[tool.yoyo-tenants]\nmigrations = "db"\n'))
     assert message == (
-        f"{TABLE} has an unknown key 'migrations' "
-        "(known: master-migrations, tenant-migrations, tenants-query)"
+        f"{TABLE} has an unknown key 'migrations' (known: master-migrations, tenant-migrations, "
+        "tenants-query, canary-tenants, lint-exclude, lint-include)"
     )
 
 

@@ -20,7 +20,16 @@ from .test_output import register
 from .test_scale import Scale
 
 #: The options that take a number, as a user would guess them from their names and help.
-NUMERIC = {"jobs", "steps", "run", "retries", "lock-wait", "lock-timeout", "statement-timeout"}
+NUMERIC = {
+    "jobs",
+    "steps",
+    "run",
+    "retries",
+    "lock-wait",
+    "lock-timeout",
+    "statement-timeout",
+    "wave-pause",
+}
 
 
 def contexts():

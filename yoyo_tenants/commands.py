@@ -20,6 +20,7 @@ from . import citus, heads, log, registry, runs, scaffold
 from .db import connect, server_params
 from .engine import mark_schema, migrate_schema
 from .errors import TenantsError, UsageError
+from .lint import refuse_unclean
 from .loading import load_migrations
 from .log import Log, migration_checksum
 from .plan import ApplyPlan, Drift, RepairPlan, RollbackPlan, RollbackTarget, migration_sql
@@ -29,6 +30,7 @@ from .runner import RunResult, SchemaState, run_schemas, scan
 from .scripts import drops_table
 from .server import prepare_run
 from .settings import Settings
+from .waves import OnWave, Rollout
 
 #: Tenants migrated at once unless --jobs says otherwise.
 DEFAULT_JOBS = min(8, 2 * (os.cpu_count() or 2))
@@ -53,13 +55,18 @@ def run_options(settings: Settings, **options: Any) -> RunOptions:
 # -- master --------------------------------------------------------------------------------------
 
 
-def migrate_master(settings: Settings, dry_run: bool = False, **options: Any) -> RunResult:
-    """Apply pending master migrations to the public schema.
+def migrate_master(
+    settings: Settings, dry_run: bool = False, lint: bool = False, **options: Any
+) -> RunResult:
+    """Apply pending master migrations to the public schema (refused, with `lint`, if squawk
+    finds anything in them: see lint.py).
 
     `options` are RunOptions fields: lock_wait, lock_timeout, statement_timeout, retries, ...
     """
     migrations = load_migrations(settings.master_dir, public=True)
     opts = run_options(settings, **options)
+    if lint:
+        refuse_unclean(settings, True, [Tenant(None, PUBLIC)])
     return _run(
         settings,
         "migrate-master",
@@ -107,6 +114,11 @@ def migrate_tenants(
     dry_run: bool = False,
     on_result: OnResult | None = None,
     on_start: OnStart | None = None,
+    lint: bool = False,
+    waves: str | None = None,
+    wave_pause: float = 0.0,
+    wave_check: str | None = None,
+    on_wave: OnWave | None = None,
     **options: Any,
 ) -> RunResult:
     """Apply pending tenant migrations to every registered tenant (or to the one org id given).
@@ -114,11 +126,25 @@ def migrate_tenants(
     Which tenants are behind is read for all of them in a few queries; only those are connected
     to, over at most `jobs` worker connections (plus this one). `on_start` is told how many that
     is before the first starts, `on_result` of each as it ends. `options` are RunOptions fields.
+
+    With `lint`, refused if squawk finds anything in the pending files (see lint.py). With
+    `waves` ("1,5%,25%,all"), the tenants go in waves, each after the one before came through
+    and, after `wave_pause` seconds, the command `wave_check` exited 0; `on_wave` is told of
+    each as it ends (see waves.py).
     """
     migrations = load_migrations(settings.tenant_dir)
     opts = run_options(settings, **options)
     plans = _applying(migrations, opts.allow_drift)
+    rollout = None
+    if waves is not None:
+        if tenant is not None:
+            raise UsageError("give one of --tenant and --waves")
+        rollout = Rollout.of(settings, waves, wave_pause, wave_check, on_wave)
+    elif wave_check is not None or wave_pause:
+        raise UsageError("--wave-check and --wave-pause go with --waves")
     tenants = _tenants(settings, tenant, jobs)
+    if lint:
+        refuse_unclean(settings, False, tenants)
     return _run(
         settings,
         "migrate-tenants",
@@ -131,6 +157,7 @@ def migrate_tenants(
         on_result,
         on_start,
         index=migrations,
+        rollout=rollout,
     )
 
 
@@ -252,20 +279,25 @@ def _run(
     on_result: OnResult | None = None,
     on_start: OnStart | None = None,
     index: MigrationList | None = None,
+    rollout: Rollout | None = None,
 ) -> RunResult:
     """Scan the schemas' logs (judging from the heads index against `index`, the migrations
-    a run applies, when given), then hand those with work to the engine as one run (or, in a
-    dry run, say what it would do)."""
+    a run applies, when given), then hand those with work to the engine as one run, in the
+    waves of `rollout` if given (or, in a dry run, say what it would do)."""
     started = time.perf_counter()
     direction = Direction.ROLLBACK if command.startswith("rollback") else Direction.APPLY
     params = server_params(settings)
     connection = connect(params)
     try:
         cursor = connection.cursor()
+        if rollout:
+            tenants = rollout.order(cursor, tenants, settings.tenants_query)
         states = scan(cursor, [t.schema for t in tenants], index)
         plan = plans(states, cursor)
         if dry_run:
             run = _dry_run(tenants, states, plan, direction)
+            if rollout:
+                run.waves = rollout.split([r for r in run.schemas if r.migrations], len(tenants))
             run.duration = time.perf_counter() - started
             return run
         idle, work = {}, []
@@ -297,15 +329,21 @@ def _run(
             connection, plan(result.schema), result, options, known=known, prelude=prelude
         )
 
-    done = run_schemas(
-        params,
-        work,
-        action,
-        direction=direction.value,
-        jobs=jobs,
-        fail_fast=fail_fast,
-        on_result=on_result,
-    )
+    def run_work(schemas: list[SchemaResult]) -> RunResult:
+        return run_schemas(
+            params,
+            schemas,
+            action,
+            direction=direction.value,
+            jobs=jobs,
+            fail_fast=fail_fast,
+            on_result=on_result,
+        )
+
+    if rollout and work:  # one run, in waves: the same run number on every log row they write
+        done = rollout.run(rollout.split(work, len(tenants)), run_work, options.run)
+    else:
+        done = run_work(work)
     by_schema = {r.schema: r for r in done.schemas}
     done.schemas = [by_schema.get(t.schema) or idle[t.schema] for t in tenants]
     done.duration = time.perf_counter() - started

@@ -89,6 +89,20 @@ def _shown(path) -> str:
         return str(path)
 
 
+class LintFailed(TenantsError):
+    """squawk reported findings in migration files a run would apply (see lint.py)."""
+
+    def __init__(self, message: str, findings: list):
+        self.findings = findings
+        super().__init__(message)
+
+
+class LintUnavailable(TenantsError):
+    """squawk, the linter, is not installed or could not run as configured."""
+
+    exit_code = 2
+
+
 class MigrationsMissing(TenantsError):
     """A schema has applied migrations whose files no longer exist."""
 

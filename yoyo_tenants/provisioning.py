@@ -29,6 +29,7 @@ from .errors import (
     TenantsError,
     UsageError,
 )
+from .lint import refuse_unclean
 from .loading import load_migrations
 from .log import Log
 from .plan import ApplyPlan, Drift, drift, migration_sql
@@ -56,16 +57,20 @@ def provision_tenant(
     dry_run: bool = False,
     lock_wait: float | None = None,
     allow_drift: bool = False,
+    lint: bool = False,
 ) -> Provisioned:
     """Register `org_id`, create its schema and apply every tenant migration, all or nothing.
 
     Refused (unless `allow_drift`) when the tenants already there applied a migration whose
     file has changed or gone since: the new org would get other tables than they have.
-    Re-running it for a registered org brings that org's schema up to date.
+    Re-running it for a registered org brings that org's schema up to date. With `lint`,
+    refused if squawk finds anything in the files the org would get (see lint.py).
     """
     started = time.perf_counter()
     tenant = Tenant(registry.check_org_id(org_id), registry.schema_for(org_id))
     migrations = load_migrations(settings.tenant_dir)
+    if lint:
+        refuse_unclean(settings, False, [tenant])
     options = run_options(settings, lock_wait=lock_wait, allow_drift=allow_drift)
     connection = connect(server_params(settings))
     try:

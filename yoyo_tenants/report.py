@@ -28,9 +28,11 @@ from rich.table import Table
 
 from .commands import SchemaStatus, Standing, Status
 from .errors import few
+from .lint import Report as LintReport
 from .provisioning import Deprovisioned, Provisioned, Restored
 from .results import Outcome, SchemaResult
 from .runner import RunResult
+from .waves import Wave
 
 #: Seconds between progress lines when stdout is not a terminal.
 PLAIN_PROGRESS_EVERY = 5.0
@@ -41,6 +43,9 @@ VERB = {"apply": "applied", "rollback": "rolled back", "repair": "accepted"}
 #: How `status` names a group of tenants, where the standing's own word does not read right.
 GROUP = {Standing.DRIFT: "with drift", Standing.OLD_LAYOUT: "in the old layout"}
 DOING = {"apply": "migrating", "rollback": "rolling back"}
+#: Outcomes that leave a tenant at the head of the files (after a run that applies).
+AT_HEAD = (Outcome.DONE, Outcome.UP_TO_DATE)
+FAILED = (Outcome.FAILED, Outcome.SKIPPED, Outcome.UNKNOWN)
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
@@ -184,6 +189,7 @@ def run_json(run: RunResult) -> dict:
             }
             for r in run.schemas
         ],
+        **({"waves": [wave_json(w) for w in run.waves]} if run.waves else {}),
     }
 
 
@@ -317,6 +323,8 @@ def dry_run(console: Console, run: RunResult) -> None:
             console.print(f"-- {_name(result)}: would {verb} {', '.join(result.migrations)}")
             for line in result.sql:
                 console.print(f"   {line}")
+    for wave in run.waves:
+        console.print(f"{_wave_name(wave, len(run.waves))}: {', '.join(wave.tenants)}")
     busy = sum(1 for r in run.schemas if r.migrations)
     console.print(
         f"dry run: {busy} of {plural(len(run.schemas), 'schema')} would change; nothing was changed"
@@ -431,3 +439,98 @@ def status_json(report: Status) -> dict:
 
 def _name(result: SchemaResult) -> str:
     return f"{result.org_id} ({result.schema})" if result.org_id else result.schema
+
+
+# -- waves ---------------------------------------------------------------------------------------
+
+
+def wave_done(console: Console, wave: Wave, waves: int) -> None:
+    """The line a wave ends with, and its check's if one ran."""
+    done = sum(1 for r in wave.results if r.outcome == Outcome.DONE)
+    console.print(
+        f"{_wave_name(wave, waves)}: {done} migrated, {len(_failures_of(wave))} failed "
+        f"in {wave.duration:.2f}s"
+    )
+    if wave.check is not None:
+        console.print(f"wave {wave.number}: {wave.check}")
+
+
+def waves_summary(console: Console, run: RunResult) -> None:
+    """After a run in waves: which waves ran, why it stopped, and which tenants are at head."""
+    started = [w for w in run.waves if w.started]
+    line = f"waves: {len(started)} of {len(run.waves)} ran"
+    if len(started) < len(run.waves):
+        last = started[-1]
+        if last.not_done:
+            why = f"{plural(len(last.not_done), 'tenant')} not done"
+        else:
+            why = str(last.check) if last.check and not last.check.ok else "interrupted"
+        line += f"; stopped after wave {last.number}: {why}"
+    console.print(line)
+    at_head = [r.org_id or r.schema for r in run.schemas if r.outcome in AT_HEAD]
+    listed = f" ({few(at_head)})" if at_head else ""
+    console.print(f"at head: {len(at_head)} of {plural(len(run.schemas), 'tenant')}{listed}")
+
+
+def wave_json(wave: Wave) -> dict:
+    check = None
+    if wave.check is not None:
+        check = {
+            "command": wave.check.command,
+            "exit_code": wave.check.exit_code,
+            "error": wave.check.error,
+        }
+    return {
+        "wave": wave.number,
+        "size": wave.size,
+        "started": wave.started,
+        "tenants": wave.tenants,
+        "duration": round(wave.duration, 4),
+        "failures": [
+            {
+                "org_id": r.org_id,
+                "schema": r.schema,
+                "status": r.outcome.value,
+                "error": str(r.failure) if r.failure else None,
+            }
+            for r in _failures_of(wave)
+        ],
+        "check": check,
+    }
+
+
+def _failures_of(wave: Wave) -> list[SchemaResult]:
+    """Its tenants that failed or were skipped (not those a stop left not started)."""
+    return [r for r in wave.results if r.outcome in FAILED]
+
+
+def _wave_name(wave: Wave, waves: int) -> str:
+    canary = ", the canary" if wave.number == 1 and waves > 1 else ""
+    tenants = plural(len(wave.results), "tenant")
+    return f"wave {wave.number} of {waves} ({wave.size}: {tenants}{canary})"
+
+
+# -- lint ----------------------------------------------------------------------------------------
+
+
+def lint(console: Console, report: LintReport) -> None:
+    """Each finding with its weight across the fleet and its help, then one summary line."""
+    for finding in report.findings:
+        console.print(str(finding))
+        if finding.weight is not None:
+            console.print(f"  {finding.weight}")
+        if finding.help:
+            console.print(f"  help: {finding.help}")
+    if report.python:
+        shown = ", ".join(p.name for p in report.python)
+        console.print(f"not linted (Python migrations): {shown}")
+    off = f" (rules off: {', '.join(report.rules_off)})" if report.rules_off else ""
+    if not report.files:
+        console.print("lint: no SQL migration file to lint" + off)
+        return
+    linted = plural(len(report.files), "file")
+    if report.ok:
+        console.print(f"lint: no findings in {linted}{off}")
+        return
+    files = len({f.path for f in report.findings})
+    console.print(f"lint: {plural(len(report.findings), 'finding')} in {files} of {linted}{off}")

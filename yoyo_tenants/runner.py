@@ -40,6 +40,7 @@ class RunResult:
     duration: float = 0.0
     dry_run: bool = False
     run: int | None = None  # the run's number in public.yoyo_tenants_runs (if it wrote)
+    waves: list = field(default_factory=list)  # a run in waves: each wave (see waves.py)
 
     @property
     def failed(self) -> list[SchemaResult]:

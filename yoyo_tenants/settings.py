@@ -44,6 +44,17 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _TABLE = "pyproject.toml [tool.yoyo-tenants]"
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})|%00")
+#: The keys of [tool.yoyo-tenants].
+KEYS = (
+    "master-migrations",
+    "tenant-migrations",
+    "tenants-query",
+    "canary-tenants",
+    "lint-exclude",
+    "lint-include",
+)
+#: A squawk rule's name (it goes on squawk's command line, so nothing that could be a flag).
+_RULE = re.compile(r"[a-z][a-z0-9-]*")
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,12 @@ class Settings:
     citus: str = "auto"
     #: SQL returning (tenant id, schema name) rows; None: the registry, public.tenants.
     tenants_query: str | None = None
+    #: The tenants a deploy in waves starts with: their org ids, or SQL returning (tenant id,
+    #: schema name) rows like tenants_query; None: the first in the registry's order.
+    canary_tenants: tuple[str, ...] | str | None = None
+    #: squawk rules `lint` leaves out, beyond those the tool satisfies, and opt-in rules it adds.
+    lint_exclude: tuple[str, ...] = ()
+    lint_include: tuple[str, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -78,6 +95,7 @@ class Settings:
         """Read settings for the project in `root`; the real environment wins over `.env`."""
         root = Path(root).resolve()
         master_dir, tenant_dir, tenants_query = project_config(root)
+        deploy = deploy_config(root)
         env = read_dotenv(root / ".env")
         env.update(os.environ if environ is None else environ)
         return cls(
@@ -89,6 +107,7 @@ class Settings:
             statement_timeout=_seconds(env, "YOYO_TENANTS_STATEMENT_TIMEOUT", 0.0),
             citus=_choice(env, "YOYO_TENANTS_CITUS", ("auto", "on", "off")),
             tenants_query=tenants_query,
+            **deploy,
         )
 
 
@@ -249,12 +268,9 @@ def project_config(root: Path) -> tuple[Path, Path, str | None]:
     """The master and tenant migration folders and the tenants query, from `[tool.yoyo-tenants]`
     in `root`'s pyproject.toml. Every key is optional; an unknown key is an error."""
     table = _yoyo_tenants_table(root / "pyproject.toml")
-    unknown = sorted(set(table) - {"master-migrations", "tenant-migrations", "tenants-query"})
+    unknown = sorted(set(table) - set(KEYS))
     if unknown:
-        raise ConfigError(
-            f"{_TABLE} has an unknown key {unknown[0]!r} "
-            "(known: master-migrations, tenant-migrations, tenants-query)"
-        )
+        raise ConfigError(f"{_TABLE} has an unknown key {unknown[0]!r} (known: {', '.join(KEYS)})")
     master_dir = _folder(root, table, "master-migrations", "migrations/master")
     tenant_dir = _folder(root, table, "tenant-migrations", "migrations/tenant")
     if master_dir == tenant_dir:
@@ -263,6 +279,44 @@ def project_config(root: Path) -> tuple[Path, Path, str | None]:
     if query is not None and not query.strip():
         raise ConfigError(f"{_TABLE} tenants-query is empty")
     return master_dir, tenant_dir, None if query is None else query.strip()
+
+
+def deploy_config(root: Path) -> dict[str, object]:
+    """The Settings fields of a safe deploy (canary tenants, lint rules) from
+    `[tool.yoyo-tenants]`; every key is optional (project_config checks for unknown ones)."""
+    table = _yoyo_tenants_table(root / "pyproject.toml")
+    canaries = table.get("canary-tenants")
+    if isinstance(canaries, str):
+        canaries = _string(table, "canary-tenants", None).strip()
+        if not canaries:
+            raise ConfigError(f"{_TABLE} canary-tenants is empty")
+    elif canaries is not None:
+        canaries = _names(table, "canary-tenants", "a query or a list of org ids")
+        if not canaries:
+            raise ConfigError(f"{_TABLE} canary-tenants is empty")
+    rules = {
+        key: _names(table, key, "a list of squawk rule names")
+        for key in ("lint-exclude", "lint-include")
+    }
+    for key, names in rules.items():
+        for name in names:
+            if not _RULE.fullmatch(name):
+                raise ConfigError(f"{_TABLE} {key}: {name!r} is not a squawk rule name")
+    return {
+        "canary_tenants": canaries,
+        "lint_exclude": rules["lint-exclude"],
+        "lint_include": rules["lint-include"],
+    }
+
+
+def _names(table: Mapping[str, object], key: str, what: str) -> tuple[str, ...]:
+    """A list of non-empty strings (an empty tuple when the key is not there)."""
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{_TABLE} {key} must be {what}")
+    if any("\x00" in v for v in value):
+        raise ConfigError(f"{_TABLE} {key} contains a NUL character")
+    return tuple(v.strip() for v in value)
 
 
 def _yoyo_tenants_table(path: Path) -> dict:

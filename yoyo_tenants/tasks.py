@@ -19,6 +19,7 @@ from invoke.parser.parser import ParseMachine
 from rich.console import Console
 
 from . import commands, embedded, provisioning, registry, report
+from . import lint as linting
 from .db import error_text
 from .errors import TenantsError, UnknownTenant, UsageError
 from .settings import Settings
@@ -49,6 +50,12 @@ HELP = {
     "yes": "also undo a schema's base tables (its first batch) or the tenant registry",
     "repair_invalid_indexes": "drop invalid indexes an interrupted CREATE INDEX CONCURRENTLY "
     "left behind, before a non-transactional migration builds them again",
+    "lint": "refuse to run if squawk finds anything in the pending files (see invoke lint)",
+    "waves": "tenants in waves of these cumulative sizes, e.g. 1,5%,25%,all: each starts only "
+    "once the one before had no failure",
+    "wave_pause": "seconds to wait after each wave before the next (with --waves)",
+    "wave_check": "a command that must exit 0 after each wave before the next; it gets the "
+    "wave's org ids in YOYO_TENANTS_WAVE_TENANTS",
 }
 RUN_FLAGS = ("lock_wait", "lock_timeout", "statement_timeout", "retries", "allow_drift", "dry_run")
 APPLY_FLAGS = (*RUN_FLAGS, "repair_invalid_indexes")
@@ -75,6 +82,7 @@ NUMBERS = {
     "lock_wait": float,
     "lock_timeout": float,
     "statement_timeout": float,
+    "wave_pause": float,
 }
 
 
@@ -232,6 +240,8 @@ def _finish(run, what: str, json_file: str | None, detail=report.Detail.CHANGES)
         report.dry_run(out, run)
     else:
         report.run_summary(out, run, what, detail)
+        if run.waves:
+            report.waves_summary(out, run)
     if json_file:
         report.write_json(json_file, report.run_json(run))
     if not run.ok:
@@ -242,26 +252,30 @@ def _help(*names: str) -> dict[str, str]:
     return {name: HELP[name] for name in names}
 
 
-@command(help=_help(*APPLY_FLAGS))
+@command(help=_help("lint", *APPLY_FLAGS))
 @edge
-def migrate_master(c, lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
-                   allow_drift=False, dry_run=False, repair_invalid_indexes=False):  # fmt: skip
+def migrate_master(c, lint=False, lock_wait=None, lock_timeout=None, statement_timeout=None,
+                   retries=None, allow_drift=False, dry_run=False,
+                   repair_invalid_indexes=False):  # fmt: skip
     """Apply pending master migrations (migrations/master) to the public schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
     run = commands.migrate_master(
-        _settings(), repair_invalid_indexes=repair_invalid_indexes, **options
+        _settings(), lint=lint, repair_invalid_indexes=repair_invalid_indexes, **options
     )
     _finish(run, "public", None)
 
 
-@command(help=_help("tenant", "jobs", "fail_fast", "quiet", "verbose", "json", *APPLY_FLAGS))
+@command(
+    help=_help("tenant", "jobs", "fail_fast", "quiet", "verbose", "json", "lint", "waves",
+               "wave_pause", "wave_check", *APPLY_FLAGS)
+)  # fmt: skip
 @edge
 def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, quiet=False, verbose=False,
-                    json=None, lock_wait=None, lock_timeout=None, statement_timeout=None,
-                    retries=None, allow_drift=False, dry_run=False,
-                    repair_invalid_indexes=False):  # fmt: skip
+                    json=None, lint=False, waves=None, wave_pause=None, wave_check=None,
+                    lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
+                    allow_drift=False, dry_run=False, repair_invalid_indexes=False):  # fmt: skip
     """Apply pending tenant migrations (migrations/tenant) to every tenant schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
@@ -276,6 +290,11 @@ def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, quiet=False, ver
             fail_fast=fail_fast,
             on_start=_starting(progress, "apply", jobs, detail),
             on_result=progress,
+            lint=lint,
+            waves=waves,
+            wave_pause=_number(wave_pause, "wave_pause") or 0.0,
+            wave_check=wave_check,
+            on_wave=lambda wave, count: report.wave_done(out, wave, count),
             **options,
         )
     _finish(run, "tenants", json, detail)
@@ -334,13 +353,14 @@ def rollback_tenants(c, tenant=None, steps=None, to=None, run=None, yes=False, j
         "org_id": "the organization's Clerk id, e.g. org_2abc123def456",
         "dry_run": HELP["dry_run"],
         "allow_drift": "provision even if the tenants applied migration files that changed since",
+        "lint": HELP["lint"],
     }
 )
 @edge
-def provision_tenant(c, org_id, dry_run=False, allow_drift=False):
+def provision_tenant(c, org_id, dry_run=False, allow_drift=False, lint=False):
     """Register an organization, create its schema and apply every tenant migration."""
     done = provisioning.provision_tenant(
-        _settings(), org_id, dry_run=dry_run, allow_drift=allow_drift
+        _settings(), org_id, dry_run=dry_run, allow_drift=allow_drift, lint=lint
     )
     report.provisioned(out, done)
 
@@ -452,6 +472,25 @@ def verify(c):
     out.print("verify: public and every tenant match the migration files and the registry")
 
 
+@command(
+    help={
+        "all": "lint every migration file, not only the pending ones",
+        "files": "lint only these migration files: their paths or ids, separated by commas",
+    }
+)
+@edge
+def lint(c, all=False, files=None):
+    """Lint the pending migration files with squawk; each finding weighed across the tenants."""
+    names = [name.strip() for name in (files or "").split(",") if name.strip()]
+    if files is not None and not names:
+        raise UsageError("--files names no file")
+    result = linting.lint(_settings(), files=names, every=all)
+    report.lint(out, result)
+    if not result.ok:
+        count = report.plural(len(result.findings), "finding")
+        raise Exit(f"error: lint: {count} (rules are chosen in pyproject.toml)", code=1)
+
+
 @command(help={"stop": "stop the embedded server", "reset": "stop it and delete its data"})
 @edge
 def db(c, stop=False, reset=False):
@@ -482,6 +521,7 @@ ns = Collection(
     move_tenant,
     make_master,
     make_tenant,
+    lint,
     status,
     verify,
     db,
