@@ -266,6 +266,16 @@ def drops_table(script: Script, schema: str, table: str) -> bool:
     return False
 
 
+def is_transaction_control(text: str) -> bool:
+    """Whether `text` is one statement that begins or ends a transaction (False if it is not
+    SQL pglast reads, such as a statement with %(name)s parameters)."""
+    try:
+        raw = parser.parse_sql(text)
+    except parser.ParseError:
+        return False
+    return len(raw) == 1 and isinstance(raw[0].stmt, ast.TransactionStmt)
+
+
 def check_sql(text: str, public: bool, where: str, transactional: bool = True) -> bool:
     """Check SQL a Python migration's step runs, as read_script checks a file; whether it must
     commit before the next migration runs (see Script.needs_commit)."""
