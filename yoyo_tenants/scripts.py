@@ -299,8 +299,9 @@ def _problem(
             return start, TRANSACTION_ADVICE[node.kind]
         if transactional and (name := outside_transaction(node)):
             return start, (
-                f"{name} cannot run inside a transaction block, and this migration runs in one: "
-                "move it to a migration of its own whose first line is '-- transactional: false'"
+                f"{name} cannot run inside a transaction block, and this file runs in one: make "
+                "'-- transactional: false' its first line (a .rollback.sql is marked on its own), "
+                "in a migration of its own if the rest must stay in a transaction"
             )
         if not public and (name := _extension_change(node)):
             return start, (
