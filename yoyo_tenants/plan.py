@@ -27,13 +27,19 @@ class ApplyPlan:
         self.schema, self.migrations, self.allow_drift = schema, migrations, allow_drift
         self.hooks = migrations.post_apply
         self.batch: int | None = None
+        #: The log it was last asked about, and its answer: a run asks once when it scans and
+        #: again when the engine starts on the same log.
+        self._chose: tuple[Log, list[Migration]] | None = None
 
     def choose(self, log: Log) -> list[Migration]:
+        if self._chose is not None and self._chose[0] is log:
+            return self._chose[1]
         problems, todo = _pending(self.migrations, tuple(log.applied), self.allow_drift)
         if problems:
             raise Drift(self.schema, problems)
         if self.batch is None:  # one batch for the whole run, even over several transactions
             self.batch = log.last_batch + 1
+        self._chose = (log, todo)
         return todo
 
 
