@@ -25,8 +25,17 @@ from .engine import mark_schema, migrate_schema
 from .errors import TenantsError, UsageError
 from .lint import refuse_unclean
 from .loading import load_migrations
-from .log import Log, migration_checksum
-from .plan import ApplyPlan, Drift, RepairPlan, RollbackPlan, RollbackTarget, migration_sql
+from .log import Log
+from .plan import (
+    ApplyPlan,
+    Drift,
+    RepairPlan,
+    RollbackPlan,
+    RollbackTarget,
+    drift_words,
+    drifted,
+    migration_sql,
+)
 from .registry import Tenant
 from .results import Command, Direction, RunOptions, SchemaResult
 from .runner import RunResult, SchemaState, run_schemas, scan
@@ -250,9 +259,8 @@ def last_deploy(cursor, states: dict[str, SchemaState], command: Command) -> int
 
 def _registry_kept(cursor) -> Callable[[list], str | None]:
     """For public: a rollback must not drop the tenant registry while tenants are registered."""
-    cursor.execute("SELECT to_regclass('public.tenants') IS NOT NULL")
     registered = 0
-    if cursor.fetchone()[0]:
+    if registry.exists(cursor):
         cursor.execute("SELECT count(*) FROM public.tenants")
         registered = cursor.fetchone()[0]
 
@@ -435,8 +443,8 @@ class SchemaStatus:
 
     @property
     def drift(self) -> list[str]:
-        return [f"{m} changed since applied" for m in self.changed] + [
-            f"{m} applied but its file is gone" for m in self.unknown
+        return [drift_words(m, gone=False) for m in self.changed] + [
+            drift_words(m, gone=True) for m in self.unknown
         ]
 
     @property
@@ -489,8 +497,7 @@ def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]
     if settings.tenants_query is not None:
         tenants = registry.list_tenants(cursor, settings.tenants_query)
     else:
-        cursor.execute("SELECT to_regclass('public.tenants')")
-        tenants = registry.list_tenants(cursor) if cursor.fetchone()[0] else []
+        tenants = registry.list_tenants(cursor) if registry.exists(cursor) else []
     states.update(
         scan(cursor, [t.schema for t in tenants], tenant_migrations if from_index else None)
     )
@@ -510,7 +517,7 @@ def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]
 
 def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList) -> SchemaStatus:
     applied = state.applied_hashes
-    files = {m.hash: m for m in migrations}
+    problems = drifted(state.applied, migrations)
     return SchemaStatus(
         schema=schema,
         org_id=org_id,
@@ -519,14 +526,8 @@ def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList
         unreadable=state.unreadable,
         applied=[m.id for m in migrations if m.hash in applied],
         pending=[m.id for m in migrations if m.hash not in applied],
-        unknown=[row.migration_id for row in state.applied if row.migration_hash not in files],
-        changed=[
-            row.migration_id
-            for row in state.applied
-            if row.migration_hash in files
-            and row.checksum
-            and row.checksum != migration_checksum(files[row.migration_hash])
-        ],
+        unknown=[p.migration_id for p in problems if p.file is None],
+        changed=[p.migration_id for p in problems if p.file is not None],
     )
 
 
