@@ -135,7 +135,8 @@ def old_layouts(cursor, schemas: Sequence[str]) -> set[str]:
 
 def rebuild(cursor, states) -> list[str]:
     """Make the index say what the logs in `states` (schema -> runner.SchemaState, read whole)
-    say; the schemas whose row said otherwise (a missing row is added, not counted)."""
+    say; the schemas whose row said otherwise (a missing row is added, not counted). A damaged
+    log's row is made to name no table, so that runs read that log whole (and refuse it)."""
     if not ensure(cursor):
         return []
     readable = [s for s, state in states.items() if state.tables_ready and not state.unreadable]
@@ -144,6 +145,11 @@ def rebuild(cursor, states) -> list[str]:
     for schema in readable:
         found = states[schema].log
         expected = (found.position, digest_of(found.applied), found.last_batch)
+        if states[schema].damage:
+            if schema in rows:  # a row naming no table: the next run reads the log, and stops
+                cursor.execute(UPSERT_SQL, {"schema": schema, "log": "0", "position": 0,
+                                            "applied": "", "batch": None})  # fmt: skip
+            continue
         if rows.get(schema, expected) != expected:
             wrong.append(schema)
         if rows.get(schema) != expected:
