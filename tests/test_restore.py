@@ -46,7 +46,8 @@ def live(project, database):
 def archived(project, database, live, tmp_path) -> Path:
     """An honest archive of org_gone1 (recorded here), which is gone."""
     tenant = provision_tenant(project, "org_gone1").tenant
-    query(database, f"INSERT INTO {tenant.schema}.org_settings (key, value) VALUES ('g.h', '7')")
+    query(database, f"INSERT INTO {tenant.schema}.org_settings (key, value) VALUES ('g.h', '7'); "
+          f"COMMENT ON SCHEMA {tenant.schema} IS 'its own comment'")  # fmt: skip
     path = tmp_path / "org_gone1.dump"
     assert deprovision_tenant(project, "org_gone1", yes=True, archive=path).dropped
     return path
@@ -107,9 +108,37 @@ def test_a_recorded_archive_comes_back_under_a_role_of_its_own_then_is_the_users
     assert owners == [("postgres",)]
     assert query(database, "SELECT 1 FROM pg_roles WHERE rolname = %s", (restored.role,)) == []
     assert query(database, "SELECT obj_description(%s::regnamespace, 'pg_namespace')",
-                 (schema,)) == [(None,)]  # the comment it had, not the label  # fmt: skip
+                 (schema,)) == [("its own comment",)]  # not the label  # fmt: skip
     assert outside(database, schema) == before
     assert verify(project) == []
+
+
+def test_a_tenant_referring_to_a_shared_table_comes_back_referring_to_it(
+    project, database, live, tmp_path
+):
+    """Its foreign key to public.focus_areas is made by the restore's role, which may refer
+    to that table (and only that), for the restore."""
+    gone = provision_tenant(project, "org_gone1").tenant
+    query(database, "INSERT INTO public.focus_areas (slug, name) VALUES ('calm', 'Calm'); "
+          f"ALTER TABLE {gone.schema}.org_users ADD COLUMN focus BIGINT "
+          "REFERENCES public.focus_areas (id)")  # fmt: skip
+    path = tmp_path / "gone.dump"
+    deprovision_tenant(project, "org_gone1", yes=True, archive=path)
+
+    restore_tenant(project, path)
+
+    refers = query(database, "SELECT confrelid::regclass::text FROM pg_constraint "
+                   "WHERE conrelid = %s::regclass AND contype = 'f'",
+                   (f"{gone.schema}.org_users",))  # fmt: skip
+    assert refers == [("focus_areas",)]
+    assert (
+        query(
+            database,
+            "SELECT has_table_privilege(r.rolname, 'public.focus_areas', "
+            "'REFERENCES') FROM pg_roles r WHERE r.rolname LIKE 'yoyo\\_tenants\\_%'",
+        )
+        == []
+    )
 
 
 def test_on_the_command_line_refusals_are_one_error_line_and_the_flags_work(

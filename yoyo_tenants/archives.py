@@ -227,19 +227,18 @@ def read_label(archive: Path, contents: Contents) -> tuple[Tenant, dict]:
     return Tenant(org_id, schema), found
 
 
-def _referenced(archive: Path, contents: Contents) -> list[str]:
-    """The tables outside the schema its foreign keys refer to, quoted."""
+def _referenced(archive: Path, contents: Contents) -> list[sql.Identifier]:
+    """The tables outside the schema its foreign keys refer to."""
     tables = set()
     for node in _statements(archive, contents.references):
         for command in getattr(node, "cmds", None) or ():
             constraint = getattr(command, "def_", None)
             if isinstance(constraint, ast.Constraint) and (
                 constraint.contype == ConstrType.CONSTR_FOREIGN
-                and constraint.pktable.schemaname != contents.schema
-            ):
-                table = sql.Identifier(constraint.pktable.schemaname, constraint.pktable.relname)
-                tables.add(table)
-    return list(tables)
+                and constraint.pktable.schemaname not in (None, contents.schema)
+            ):  # (an unqualified name resolves to nothing: pg_restore empties the search path)
+                tables.add((constraint.pktable.schemaname, constraint.pktable.relname))
+    return [sql.Identifier(*table) for table in sorted(tables)]
 
 
 def _statements(archive: Path, entries: Sequence[str]) -> list:
