@@ -23,7 +23,7 @@ from yoyo_tenants import (
     schema_for,
     verify,
 )
-from yoyo_tenants.errors import NotReady, TenantsError, UsageError
+from yoyo_tenants.errors import NotReady, SchemaCollision, TenantsError, UsageError
 from yoyo_tenants.settings import Settings
 
 from . import servers
@@ -202,6 +202,25 @@ def test_a_record_says_which_org_an_archive_is_of(project, database, archived):
         restore_tenant(project, archived)
 
     assert nothing_restored(database, schema_for("org_gone1"))
+
+
+def test_a_schema_made_by_another_session_meanwhile_is_not_undone(
+    project, database, archived, monkeypatch
+):
+    """Between the check that its schema is free and making it, another restore (or anyone)
+    made one of that name: this restore fails, and drops only what it made."""
+    from yoyo_tenants import restore
+
+    schema = schema_for("org_gone1")
+    monkeypatch.setattr(restore, "_check_free", lambda cursor, tenant, archive: None)
+    query(database, f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.theirs (x int)")
+
+    with pytest.raises(SchemaCollision, match="was made meanwhile"):
+        restore_tenant(project, archived)
+
+    assert query(database, f"SELECT to_regclass('{schema}.theirs') IS NOT NULL") == [(True,)]
+    roles = "SELECT rolname FROM pg_roles WHERE rolname LIKE 'yoyo\\_tenants\\_%'"
+    assert query(database, roles) == []
 
 
 def test_deprovisioning_records_the_archive_with_the_drop(project, database, live, tmp_path):

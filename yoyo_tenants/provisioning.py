@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import archives, heads, log, registry
-from .archives import Restored, dump_schema, restore_tenant  # noqa: F401 (the API's names)
+from .archives import dump_schema
 from .commands import run_options
 from .db import connect, server_params
 from .engine import migrate_schema, server_options
@@ -16,6 +16,7 @@ from .loading import load_migrations
 from .log import Log
 from .plan import ApplyPlan, Drift, drift, migration_sql
 from .registry import Tenant
+from .restore import Restored, restore_tenant  # noqa: F401 (the API's names)
 from .results import SchemaResult
 from .runner import scan
 from .session import MessageFailed, Session
