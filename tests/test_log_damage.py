@@ -163,6 +163,19 @@ def test_verify_leaves_a_damaged_log_unindexed_so_that_runs_read_it_and_refuse_i
     assert results[sound.schema].migrations == [ADD]
 
 
+def test_a_damaged_log_in_public_fails_verify_and_migrate_master(project, database):
+    migrate_master(project)
+    damage(database, "public", KINDS["row-duplicated"][0])
+    write_migration(project.master_dir, ADD, "CREATE TABLE public.regions (code text);")
+
+    problems = verify(project)
+    run = migrate_master(project)
+
+    assert problems == ["public: log damaged: id 2 is there twice"]
+    assert not run.ok and "the log of public is damaged" in str(run.schemas[0].failure)
+    assert query(database, "SELECT to_regclass('public.regions')") == [(None,)]
+
+
 def test_a_schema_in_yoyos_own_layout_is_not_damaged(project, database, fleet):
     damaged, _ = fleet
     query(database, sql.SQL("ALTER TABLE {} RENAME TO _yoyo_migration").format(

@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg2 import sql
 
-from yoyo_tenants import migrate_master, migrate_tenants, provision_tenant, registry, status
+from yoyo_tenants import (
+    deprovision_tenant,
+    migrate_master,
+    migrate_tenants,
+    provision_tenant,
+    registry,
+    status,
+)
 from yoyo_tenants.errors import ConfigError, NotReady
 
 from .conftest import MASTER_IDS, REPO, TENANT_IDS, applied_ids, query, run_invoke, user_env
@@ -139,6 +146,8 @@ def test_a_registry_row_naming_public_is_refused_too(accounts, database):
         migrate_tenants(accounts, allow_drift=True)
     with pytest.raises(ConfigError, match="org_evil1"):
         migrate_tenants(accounts, tenant="org_evil1")
+    with pytest.raises(ConfigError, match="schema public is never a tenant's"):
+        deprovision_tenant(accounts, "org_evil1", yes=True)  # would drop public with it
 
     assert untouched(database) == before
 
