@@ -290,6 +290,9 @@ def test_the_crafted_archive_of_the_issue_is_refused_with_nothing_run(
         restore_tenant(project, crafted)
     with pytest.raises(UsageError, match=r"holds code from elsewhere \(function evil\(\)"):
         restore_tenant(project, crafted, unrecorded=True)
+    # Trusted, its code still runs under the restore's own role: refused, as it writes.
+    with pytest.raises(TenantsError, match="permission denied for table tenants"):
+        restore_tenant(project, crafted, unrecorded=True, trust_code=True)
 
     assert outside(database, schema) == before and nothing_restored(database, schema)
 
@@ -426,9 +429,12 @@ def test_a_user_without_createrole_is_told_and_may_trust_the_code(project, datab
                     project.tenant_dir)  # fmt: skip
     schema = schema_for("org_gone1")
 
-    with pytest.raises(NotReady, match="which takes CREATEROLE: ALTER ROLE rs_tool CREATEROLE"):
+    with pytest.raises(NotReady, match="making it takes CREATEROLE: ALTER ROLE rs_tool CREATEROLE"):
         restore_tenant(tool, archived)
     assert nothing_restored(database, schema)
+    trusted = restore_tenant(tool, archived, trust_code=True)  # as rs_tool
+    assert trusted.role is None and query(database, f"SELECT value FROM {schema}.org_settings")
+    deprovision_tenant(project, "org_gone1", yes=True)
 
     query(database, "ALTER ROLE rs_tool CREATEROLE")
     done = restore_tenant(tool, archived)

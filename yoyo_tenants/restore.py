@@ -9,9 +9,9 @@ transaction, without the archive's owners and grants, logged in as a role made f
 that owns the new schema and may write nothing else: the grants to PUBLIC are checked first (it
 has no others), and afterwards it must own nothing outside the schema, and the schema's log
 must be sound. Then the schema passes to the restoring user, the role is dropped, and the
-registry row written. Making the role takes CREATEROLE (or a superuser); without it, or with
-`trust_code`, the archive is restored as the user, its code trusted to run with the user's
-privileges.
+registry row written. Making the role takes CREATEROLE (or a superuser); where the role cannot be
+made or used, the restore stops, unless `trust_code`: then the archive is restored as the user,
+its code trusted to run with the user's privileges.
 """
 
 from __future__ import annotations
@@ -171,11 +171,8 @@ class _Restore:
 
     def run(self, comment: str | None, row: dict, trust_code: bool) -> Restored:
         try:
-            if trust_code:
-                self._make_schema(owner=None)
-                self._load(self.params)
-            else:
-                self._load(self._confine())
+            self._load(self._confined(trust_code))
+            if self.role:
                 self._check_role()
             self._check_log()
             self._finish(comment, row)
@@ -208,19 +205,36 @@ class _Restore:
             ) from None
         self.made_schema = True
 
+    def _confined(self, trust_code: bool) -> Mapping[str, str]:
+        """The schema, and the connection parameters to restore into it with: as a role made
+        for the restore, or, only if that cannot be and the user trusts the archive's code, as
+        the user."""
+        try:
+            return self._confine()
+        except _Unconfined as exc:
+            user = self.connection.info.user
+            if not trust_code:
+                raise NotReady(
+                    f"restoring {self.archive} runs its code under a role made for it, which "
+                    f"may write only its schema; {exc}, or pass --trust-code to run it as {user} "
+                    "(nothing was restored)"
+                ) from None
+        self._undo()
+        self.made_schema = self.role_dropped = False
+        self.role = None
+        self._make_schema(owner=None)
+        return self.params
+
     def _confine(self) -> dict[str, str]:
-        """Make the role, and the schema it owns; the connection parameters to log in as it."""
+        """Make the role, and the schema it owns; the connection parameters to log in as it.
+        _Unconfined if that cannot be."""
         user = self.connection.info.user
         self.cursor.execute(
             "SELECT rolsuper, rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
         )
         superuser, may = self.cursor.fetchone()
         if not may:
-            raise NotReady(
-                f"restoring {self.archive} runs its code under a role made for it, which takes "
-                f"CREATEROLE: ALTER ROLE {user} CREATEROLE, or pass --trust-code to run it as "
-                f"{user} (nothing was restored)"
-            )
+            raise _Unconfined(f"making it takes CREATEROLE: ALTER ROLE {user} CREATEROLE")
         role, password = f"yoyo_tenants_restore_{secrets.token_hex(6)}", secrets.token_hex(24)
         until = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
         self.cursor.execute(
@@ -239,21 +253,17 @@ class _Restore:
             self.cursor.execute(grant)
         self.cursor.execute(WRITABLE_SQL, {"role": role, "schema": self.tenant.schema})
         if writable := [what for (what,) in self.cursor.fetchall()]:
-            raise NotReady(
-                f"restoring {self.archive} runs its code under a role that may write only its "
-                f"schema, but every role may write {', '.join(writable[:3])}"
-                + (f" and {len(writable) - 3} more" if len(writable) > 3 else "")
-                + f" (a grant to PUBLIC): revoke that, or pass --trust-code to run it as {user} "
-                "(nothing was restored)"
+            more = f" and {len(writable) - 3} more" if len(writable) > 3 else ""
+            raise _Unconfined(
+                f"every role may write {', '.join(writable[:3])}{more} (a grant to PUBLIC), "
+                "and so could it: revoke that"
             )
         confined = {**self.params, "user": role, "password": password}
         try:
             connect(confined).close()
         except ConnectionFailed as exc:
-            raise NotReady(
-                f"restoring {self.archive} runs its code under a role made for it, which could "
-                f"not log in ({exc}): let it in with a password (pg_hba.conf), or pass "
-                f"--trust-code to run it as {user} (nothing was restored)"
+            raise _Unconfined(
+                f"it could not log in ({exc}): let it in with a password (pg_hba.conf)"
             ) from None
         return confined
 
@@ -317,6 +327,10 @@ class _Restore:
         if self.role and not self.role_dropped:
             role = sql.Identifier(self.role)
             self.cursor.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(role, role))
+
+
+class _Unconfined(Exception):
+    """A restore cannot run under a role of its own: why, and what would let it."""
 
 
 def _scram_verifier(password: str) -> str:

@@ -379,8 +379,8 @@ def move_tenant(c, org_id, to):
         "archive": "the file deprovision-tenant --archive wrote",
         "unrecorded": "restore an archive this database has no record of (made before records "
         "were kept, or in another database); every other check still runs",
-        "trust_code": "trust the archive's code to run as you: restore it as you, not under a "
-        "role of its own (and an unrecorded archive's functions too)",
+        "trust_code": "trust the archive's code: restore an unrecorded archive's functions, and "
+        "run it as you where it cannot run under a role of its own",
     }
 )
 @edge
