@@ -8,8 +8,14 @@ from dataclasses import replace
 import pytest
 from psycopg2 import sql
 
-from yoyo_tenants import commands as commands_module
-from yoyo_tenants import logindex, migrate_master, migrate_tenants, provision_tenant, verify
+from yoyo_tenants import (
+    inspection,
+    logindex,
+    migrate_master,
+    migrate_tenants,
+    provision_tenant,
+    verify,
+)
 
 from .conftest import (
     ADD_NICKNAME,
@@ -150,7 +156,7 @@ def test_plain_yoyo_tables_in_an_indexed_schema_are_noticed(project):
     query(project.connection, sql.SQL("CREATE TABLE {}._yoyo_migration (x int)").format(
         sql.Identifier(tenant.schema)))  # fmt: skip
 
-    report = commands_module.status(project)
+    report = inspection.status(project)
 
     assert report.tenants[0].state == "old layout"
 
@@ -217,7 +223,7 @@ def test_logs_changed_behind_the_index_are_read_whole_when_their_groups_log_disa
         "created_at_utc) SELECT max(id) + 1, %s, 'rollback', now() FROM {s}._yoyo_log"
     ).format(s=sql.Identifier(undone.schema)), (TENANT_IDS[2],))  # fmt: skip
 
-    report = {t.schema: t for t in commands_module.status(project).tenants}
+    report = {t.schema: t for t in inspection.status(project).tenants}
 
     assert report[marked.schema].applied == [*TENANT_IDS, ADD]
     assert report[marked.schema].state == "at head"
@@ -233,7 +239,7 @@ def test_a_log_table_renamed_away_is_not_taken_for_the_schemas_log(project):
     query(project.connection, sql.SQL("ALTER TABLE {} RENAME TO kept_aside").format(
         sql.Identifier(tenant.schema, "_yoyo_log")))  # fmt: skip
 
-    [report] = commands_module.status(project).tenants
+    [report] = inspection.status(project).tenants
 
     assert report.applied == [] and report.pending == TENANT_IDS
     assert report.state == "log damaged"  # a registered tenant with tables and no log

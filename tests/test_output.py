@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from rich.console import Console
 
-from yoyo_tenants import commands, report
+from yoyo_tenants import commands, inspection, report
 from yoyo_tenants.registry import Tenant, schema_for
 
 from .conftest import REPO, applied_ids, conflicting_table, run_invoke
@@ -251,14 +251,14 @@ def mixed(project) -> Scale:
     return scale
 
 
-def rendered(result: commands.Status, listed=None, width: int = 80) -> list[str]:
+def rendered(result: inspection.Status, listed=None, width: int = 80) -> list[str]:
     console = Console(file=io.StringIO(), highlight=False, soft_wrap=True, width=width)
     report.status(console, result, listed)
     return console.file.getvalue().splitlines()
 
 
 def test_status_of_300_tenants_is_a_few_grouped_lines_with_the_first_org_ids(mixed):
-    result = commands.status(mixed.settings)
+    result = inspection.status(mixed.settings)
     lines = rendered(result)
 
     ids = mixed.ids
@@ -277,7 +277,7 @@ def test_status_of_300_tenants_is_a_few_grouped_lines_with_the_first_org_ids(mix
 
 
 def test_status_all_lists_every_tenant_after_the_summary_one_line_each(mixed):
-    result = commands.status(mixed.settings)
+    result = inspection.status(mixed.settings)
     lines = rendered(result, result.tenants)
 
     assert len(lines) == 8 + 300
@@ -315,7 +315,7 @@ def test_status_tenant_lists_that_one_tenant_and_an_unknown_one_is_an_error(mixe
 
 
 def test_status_table_on_a_terminal_keeps_ids_whole_in_a_narrow_window(mixed):
-    result = commands.status(mixed.settings)
+    result = inspection.status(mixed.settings)
     console = Console(file=io.StringIO(), force_terminal=True, width=70, color_system=None)
 
     report.status(console, result, result.tenants[-10:])
@@ -354,11 +354,11 @@ def test_piped_lines_stay_whole_at_any_width(crowd, one_broken):
 def test_status_groups_name_drift_and_old_layout_and_count_the_rarer_ways_of_being_behind():
     ids = [f"2025010200000{n}_t{n}" for n in range(1, 9)]
 
-    def tenant(n: int, **fields) -> commands.SchemaStatus:
+    def tenant(n: int, **fields) -> inspection.SchemaStatus:
         org = f"org_g{n:03d}"
         applied = fields.pop("applied", ids)
         pending = [m for m in ids if m not in applied]
-        return commands.SchemaStatus(
+        return inspection.SchemaStatus(
             schema_for(org), org, True, applied, pending, fields.pop("unknown", []), **fields
         )
 
@@ -369,7 +369,7 @@ def test_status_groups_name_drift_and_old_layout_and_count_the_rarer_ways_of_bei
         tenant(10, unknown=["20240101000000_gone"]),
         tenant(11, old_layout=True),
     ]
-    result = commands.Status(tenants[0], tenants, ids[0], ids[-1])
+    result = inspection.Status(tenants[0], tenants, ids[0], ids[-1])
 
     assert report.status_groups(result) == [
         f"tenants: 11 registered; head {ids[-1]}",

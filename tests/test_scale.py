@@ -23,7 +23,7 @@ import pytest
 from psycopg2 import sql
 from rich.console import Console
 
-from yoyo_tenants import TenantsError, commands, pool, registry, report, schema_for
+from yoyo_tenants import TenantsError, commands, inspection, pool, registry, report, schema_for
 from yoyo_tenants.registry import Tenant
 
 from .conftest import (
@@ -648,7 +648,7 @@ def test_status_over_fifty_tenants_in_mixed_states_is_right_and_takes_a_constant
 
     statements: list = []
     scans: list = []
-    real_connect = commands.connect
+    real_connect = inspection.connect
 
     def counting_scan(cursor, schemas, migrations=None):
         before = len(statements)
@@ -657,11 +657,11 @@ def test_status_over_fifty_tenants_in_mixed_states_is_right_and_takes_a_constant
         return states
 
     monkeypatch.setattr(
-        commands, "connect", lambda params: CountingConnection(real_connect(params), statements)
+        inspection, "connect", lambda params: CountingConnection(real_connect(params), statements)
     )
-    monkeypatch.setattr(commands, "scan", counting_scan)
+    monkeypatch.setattr(inspection, "scan", counting_scan)
 
-    result = commands.status(scale.settings)
+    result = inspection.status(scale.settings)
 
     assert result.master.state == "at head"
     assert result.tenant_head == m2

@@ -15,10 +15,9 @@ from .commands import (
     repair,
     rollback_master,
     rollback_tenants,
-    status,
-    verify,
 )
 from .errors import TenantsError
+from .inspection import status, verify
 from .provisioning import deprovision_tenant, provision_tenant, restore_tenant
 from .registry import schema_for
 from .settings import Settings

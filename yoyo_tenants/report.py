@@ -26,8 +26,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .commands import SchemaStatus, Standing, Status
 from .errors import few
+from .inspection import SchemaStatus, Standing, Status
 from .lint import Report as LintReport
 from .pool import RunResult
 from .provisioning import Deprovisioned, Provisioned, Restored

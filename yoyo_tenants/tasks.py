@@ -18,7 +18,7 @@ from invoke.parser import Argument
 from invoke.parser.parser import ParseMachine
 from rich.console import Console
 
-from . import commands, embedded, provisioning, registry, report
+from . import commands, embedded, inspection, provisioning, registry, report
 from . import lint as linting
 from .db import error_text
 from .errors import TenantsError, UnknownTenant, UsageError
@@ -460,7 +460,7 @@ def status(c, all=False, tenant=None, json=None):
         raise UsageError("give one of --all and --tenant")
     if tenant is not None:
         registry.check_org_id(tenant)
-    result = commands.status(_settings())
+    result = inspection.status(_settings())
     listed = result.tenants if all else None
     if tenant is not None:
         listed = [t for t in result.tenants if t.org_id == tenant]
@@ -475,7 +475,7 @@ def status(c, all=False, tenant=None, json=None):
 @edge
 def verify(c):
     """Check public and every tenant against the migration files and registry (exit 1 if not)."""
-    problems = commands.verify(_settings())
+    problems = inspection.verify(_settings())
     for problem in problems:
         out.print(problem)
     if problems:
