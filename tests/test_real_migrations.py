@@ -4,6 +4,7 @@ about rollbacks that stop half-way."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import threading
@@ -685,3 +686,56 @@ def test_a_connection_left_inside_a_transaction_is_not_given_to_the_next_schema(
     assert [r.outcome for r in run.schemas] == ["failed", "up to date"]
     (first_pid, _), (second_pid, fresh) = seen
     assert second_pid != first_pid and fresh  # a new connection, not in a transaction
+
+
+def test_a_worker_connection_is_replaced_after_so_many_schemas(project):
+    """A server backend keeps the catalog of every schema it touched: a worker gets a new
+    connection after RECONNECT_EVERY schemas (here 3), so none grows without bound."""
+    from yoyo_tenants.results import SchemaResult
+    from yoyo_tenants.runner import run_schemas
+
+    pids = []
+
+    def action(connection, result: SchemaResult) -> SchemaResult:
+        cursor = connection.cursor()
+        cursor.execute("SELECT pg_backend_pid()")
+        pids.append(cursor.fetchone()[0])
+        return result
+
+    work = [SchemaResult(f"s{i}") for i in range(10)]
+    run = run_schemas(
+        project.connection, work, action, direction="apply", jobs=1, reconnect_every=3
+    )
+
+    assert run.ok
+    runs = [len(list(group)) for _, group in itertools.groupby(pids)]
+    assert runs == [3, 3, 3, 1] and len(set(pids)) == 4
+
+
+def test_a_down_file_is_marked_on_its_own(project):
+    """Each file runs as its own first line says: an up file in the transaction, its down file
+    outside one (CONCURRENTLY), and the other way round."""
+    assert migrate_master(project).ok
+    provision_tenant(project, ORG)
+    write_migration(
+        project.tenant_dir,
+        "20300101000000_index_in_down",
+        "DROP INDEX IF EXISTS no_such_index;",
+        "-- transactional: false\nCREATE INDEX CONCURRENTLY users_email ON org_users (email);",
+    )
+    write_migration(
+        project.tenant_dir,
+        "20300101000100_index_in_up",
+        "-- transactional: false\nCREATE INDEX CONCURRENTLY users_name ON org_users (full_name);",
+        "DROP INDEX users_name;",
+    )
+    assert migrate_tenants(project).ok
+    assert query(project.connection, "SELECT 1 FROM pg_class WHERE relname = 'users_name'") == [
+        (1,)
+    ]
+
+    run = rollback_tenants(project, steps=2)
+
+    assert run.ok, [str(r.failure) for r in run.schemas]
+    names = query(project.connection, "SELECT relname FROM pg_class WHERE relname LIKE 'users_%'")
+    assert names == [("users_email",)]

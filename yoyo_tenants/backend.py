@@ -17,10 +17,12 @@ is no lock table (a session advisory lock dies with its session).
 from __future__ import annotations
 
 import contextlib
-import re
+import functools
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import psycopg2
 from psycopg2 import extensions
@@ -36,6 +38,7 @@ from .loading import SqlMigration
 from .log import Log
 from .plan import drift
 from .results import RunOptions, SchemaResult
+from .scripts import is_transaction_control
 from .server import prepare_run
 from .session import MessageFailed, Session, lock_key
 
@@ -46,10 +49,6 @@ NO_SCHEMA = (
 )
 #: What --migration-table (yoyo.ini's migration_table) may name: yoyo's default, or our log.
 LOG_NAMES = (default_migration_table, log.TABLE)
-#: Statements that open or end a transaction: sent as they are, never wrapped in one.
-TRANSACTION_CONTROL = re.compile(
-    r"\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE)\b", re.I
-)
 #: The other sessions holding a schema's advisory lock (at session or transaction level); the
 #: lock's 64-bit key is split over classid and objid.
 HOLDERS_SQL = (
@@ -60,6 +59,41 @@ HOLDERS_SQL = (
     "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(:key, 0) "
     "AND l.pid <> pg_backend_pid() ORDER BY a.backend_start"
 )
+#: What yoyo's command line would end in a traceback, and we in one line.
+REPORTED = (TenantsError, exceptions.LockTimeout, psycopg2.Error)
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+@contextmanager
+def one_line() -> Iterator[None]:
+    """When yoyo's own command line is the program, end it on one of our errors as an invoke
+    task ends: one ``error:`` line on stderr, exit 1. yoyo's main() catches only its own
+    InvalidArgument (and prints its usage with it), so anything else a backend raises would end
+    in a traceback. A program calling yoyo's API still gets the exceptions."""
+    try:
+        yield
+    except REPORTED as exc:
+        if not _yoyo_is_the_program():
+            raise
+        text = str(exc) if isinstance(exc, TenantsError) else error_text(exc)
+        raise SystemExit(f"error: {' '.join(text.split())}") from None
+
+
+def reported(method: Method) -> Method:
+    """`method`, its errors reported as one_line() says."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with one_line():
+            return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _yoyo_is_the_program() -> bool:
+    cli = sys.modules.get("yoyo.scripts.main")
+    return cli is not None and getattr(sys.modules.get("__main__"), "main", None) is cli.main
 
 
 def check_schema_name(name: str) -> str:
@@ -78,9 +112,10 @@ class TenantBackend(PostgresqlBackend):
     """yoyo's PostgreSQL backend, confined to the schema named by the URI's ``schema`` argument."""
 
     options = RunOptions()
+    locked = False
 
+    @reported
     def __init__(self, dburi, migration_table):
-        report_errors_in_one_line()
         # Before connecting: a URL without its schema, or a second history, writes nothing.
         if not dburi.args.get("schema"):
             raise UsageError(NO_SCHEMA)
@@ -90,13 +125,13 @@ class TenantBackend(PostgresqlBackend):
                 f"tasks read too: it keeps no separate history in {migration_table!r} (leave "
                 "out --migration-table, or migration_table in yoyo.ini)"
             )
+        self.batch: int | None = None  # one batch for all yoyo applies in this process
         super().__init__(dburi, migration_table)
 
     def connect(self, dburi):
         connection = super().connect(dburi)  # takes "schema" out of the URI's arguments
         self.schema = check_schema_name(self.schema)
         self.search_path = Session(connection, self.schema, self.options).search_path
-        self._batch: int | None = None  # one batch for all yoyo applies in this process
         return connection
 
     def init_database(self):
@@ -119,43 +154,35 @@ class TenantBackend(PostgresqlBackend):
         return cursor
 
     def begin(self):
-        # yoyo's own transactions see the schema too, for that transaction only.
-        assert not self._in_transaction
-        self._in_transaction = True
-        self.execute(
-            "BEGIN; SELECT set_config('search_path', :path, true)", {"path": self.search_path}
-        )
-
-    def list_tables(self, **kwargs):
-        return super(PostgresqlBackend, self).list_tables(schema=self.schema, **kwargs)
+        super().begin()  # yoyo's own transactions see the schema too, for that transaction only
+        self.execute("SELECT set_config('search_path', :path, true)", {"path": self.search_path})
 
     # -- locking -------------------------------------------------------------------------------
 
     @contextmanager
-    def lock(self, timeout=10):
+    def lock(self, timeout=10) -> Iterator[None]:
         """yoyo's whole-run lock, as a session advisory lock on the schema instead of a row in a
         lock table: the server drops it when the session ends, so a killed run leaves nothing."""
-        if self._is_locked:
+        if self.locked:
             yield
             return
-        deadline = time.monotonic() + timeout
         key = {"key": lock_key(self.schema)}
-        while not self.execute(
-            "SELECT pg_try_advisory_lock(hashtextextended(:key, 0))", key
-        ).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise exceptions.LockTimeout(self._lock_message(self._holders(), timeout))
-            time.sleep(0.1)
-        self._is_locked = True
+        with one_line():
+            deadline = time.monotonic() + timeout
+            while not self.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(:key, 0))", key
+            ).fetchone()[0]:
+                if time.monotonic() > deadline:
+                    raise exceptions.LockTimeout(self._lock_message(self._holders(), timeout))
+                time.sleep(0.1)
+        self.locked = True
         try:
             yield
         finally:
-            self._is_locked = False
+            self.locked = False
             self.execute("SELECT pg_advisory_unlock(hashtextextended(:key, 0))", key)
 
-    def create_lock_table(self):
-        pass
-
+    @reported
     def break_lock(self):
         """There is never a stale lock to break: the schema's advisory lock ends with the session
         holding it, even a killed one. A lock held is a run still going, which is not ended
@@ -182,6 +209,10 @@ class TenantBackend(PostgresqlBackend):
     def ensure_internal_schema_updated(self):
         pass  # the engine makes (or converts) the log table when it first writes to it
 
+    @reported
+    def get_applied_migration_hashes(self):
+        return [row.migration_hash for row in self.applied().applied]
+
     def applied(self) -> Log:
         """The schema's log, read under its lock; nothing is written, not even a log table, and
         yoyo's own tables (an old layout) are read as they are."""
@@ -195,27 +226,42 @@ class TenantBackend(PostgresqlBackend):
             if session.open:
                 session.rollback()
 
-    def get_applied_migration_hashes(self):
-        return [row.migration_hash for row in self.applied().applied]
-
+    @reported
     def to_apply(self, migrations):
         """What yoyo would apply, unless a migration applied here has changed since: the invoke
         tasks refuse to migrate a schema with drift, and so does the yoyo command line."""
         present = {m.hash for m in migrations}
         applied = [row for row in self.applied().applied if row.migration_hash in present]
-        problems = drift(applied, migrations)
-        if problems:
+        if problems := drift(applied, migrations):
             raise NotReady(
                 f"drift in {self.schema}: {'; '.join(problems)} (restore the files, or accept "
                 "them with invoke repair)"
             )
         return super().to_apply(migrations)
 
+    @reported
     def apply_one(self, migration: Migration, force=False, mark=True):
         self._run(migration, "apply" if mark else log.HOOK)
 
+    @reported
     def rollback_one(self, migration: Migration, force=False):
         self._run(migration, "rollback")
+
+    @reported
+    def mark_migrations(self, migrations):
+        self._record(migrations, "mark")
+
+    @reported
+    def unmark_migrations(self, migrations):
+        self._record(migrations, "unmark")
+
+    @reported
+    def mark_one(self, migration, log=True):
+        self._record([migration], "mark")
+
+    @reported
+    def unmark_one(self, migration, log=True):
+        self._record([migration], "unmark")
 
     def _writing(self) -> RunOptions:
         """The options of a run that writes (the heads index made and kept), once."""
@@ -224,32 +270,19 @@ class TenantBackend(PostgresqlBackend):
         return self.options
 
     def _run(self, migration: Migration, operation: str) -> None:
-        self._writing()
-        plan = _One(self._ours(migration), operation, self)
-        result = migrate_schema(self.connection, plan, SchemaResult(self.schema), self.options)
+        plan = _One(_ours(migration, self.schema == "public"), operation, self)
+        result = migrate_schema(self.connection, plan, SchemaResult(self.schema), self._writing())
         if result.skipped:
             raise LockBusy(str(result.failure))
         if result.failure:
-            raise MigrationError(migration.id, self.schema, str(result.failure))
-
-    def mark_migrations(self, migrations):
-        self._record(migrations, "mark")
-
-    def unmark_migrations(self, migrations):
-        self._record(migrations, "unmark")
-
-    def mark_one(self, migration, log=True):
-        self._record([migration], "mark")
-
-    def unmark_one(self, migration, log=True):
-        self._record([migration], "unmark")
+            raise MigrationError(self.schema, result.failure)
 
     def _record(self, migrations, operation: str) -> None:
         """Log marks (applied without running) or unmarks, in one transaction."""
 
         def choose(current: Log) -> list:
             applied = {row.migration_hash for row in current.applied}
-            batch = self._next_batch(current)
+            batch = self.next_batch(current)
             return [
                 (migration, operation, batch)
                 for migration in migrations
@@ -258,24 +291,21 @@ class TenantBackend(PostgresqlBackend):
 
         mark_schema(self.connection, self.schema, self._writing(), choose)
 
-    def _next_batch(self, current: Log) -> int:
-        if self._batch is None:
-            self._batch = current.last_batch + 1
-        return self._batch
+    def next_batch(self, current: Log) -> int:
+        if self.batch is None:
+            self.batch = current.last_batch + 1
+        return self.batch
 
-    def _ours(self, migration: Migration) -> Migration:
-        """yoyo's reading of a .sql file, read again the engine's way (see loading.py); a Python
-        migration loaded, so that the engine knows whether it runs in a transaction."""
-        if not migration.is_raw_sql() or isinstance(migration, SqlMigration):
-            migration.load()
-            return migration
-        ours = SqlMigration(migration.id, migration.path, migration.source_dir, self._public)
-        ours.load()
-        return ours
 
-    @property
-    def _public(self) -> bool:
-        return self.schema == "public"
+def _ours(migration: Migration, public: bool) -> Migration:
+    """yoyo's reading of a .sql file, read again the engine's way (see loading.py); a Python
+    migration loaded, so that the engine knows whether it runs in a transaction."""
+    if not migration.is_raw_sql() or isinstance(migration, SqlMigration):
+        migration.load()
+        return migration
+    ours = SqlMigration(migration.id, migration.path, migration.source_dir, public)
+    ours.load()
+    return ours
 
 
 class SchemaCursor(extensions.cursor):
@@ -292,7 +322,7 @@ class SchemaCursor(extensions.cursor):
 
     def execute(self, query, vars=None):
         idle = self.connection.info.transaction_status == extensions.TRANSACTION_STATUS_IDLE
-        if not idle or (isinstance(query, str) and TRANSACTION_CONTROL.match(query)):
+        if not idle or (isinstance(query, str) and is_transaction_control(query)):
             return super().execute(query, vars)
         super().execute("BEGIN; SELECT set_config('search_path', %s, true)", (self.search_path,))
         try:
@@ -318,39 +348,6 @@ class _One:
             return [self.migration]
         applied = self.migration.hash in {row.migration_hash for row in current.applied}
         if self.operation == "apply":
-            self.batch = self.backend._next_batch(current)
+            self.batch = self.backend.next_batch(current)
             return [] if applied else [self.migration]
         return [self.migration] if applied else []
-
-
-# -- errors on yoyo's command line -----------------------------------------------------------------
-
-#: What yoyo's command line would show as a traceback, and we as one line.
-REPORTED = (TenantsError, exceptions.LockTimeout, psycopg2.Error)
-
-
-def report_errors_in_one_line() -> None:
-    """When yoyo's own command line is the program (``yoyo ...`` or ``python -m yoyo ...``),
-    make our errors end it as they end an invoke task: one ``error:`` line on stderr, exit 1.
-
-    yoyo's main() catches only its own InvalidArgument, so anything a backend raises ends the
-    command in a traceback, and yoyo gives a backend no other say in that. An exception hook is
-    the one way in, so it is installed only when yoyo's main is what runs: a program calling
-    yoyo's API (or yoyo's main from its own code) still gets the exceptions.
-    """
-    cli = sys.modules.get("yoyo.scripts.main")
-    program = sys.modules.get("__main__")
-    if cli is None or getattr(program, "main", None) is not cli.main:
-        return
-    if getattr(sys.excepthook, "yoyo_tenants", False):
-        return
-    shown = sys.excepthook
-
-    def hook(kind, exc, traceback):
-        if not isinstance(exc, REPORTED):
-            return shown(kind, exc, traceback)
-        text = str(exc) if isinstance(exc, TenantsError) else error_text(exc)
-        print(f"error: {' '.join(text.split())}", file=sys.stderr)
-
-    hook.yoyo_tenants = True
-    sys.excepthook = hook

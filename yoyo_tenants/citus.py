@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from psycopg2 import errors
+
 from . import log
 from .errors import LockBusy, NotReady, UsageError
 from .results import RunOptions
@@ -70,10 +72,8 @@ def move(connection, schema: str, to: str, options: RunOptions) -> tuple[str | N
         cursor.execute(
             "SELECT citus_schema_move(%s::regnamespace, %s, %s)", (schema, host, int(port))
         )
-    except connection.DatabaseError as exc:
-        if getattr(exc, "pgcode", None) == "55P03":
-            raise LockBusy(f"schema {schema} is locked by another run") from None
-        raise
+    except errors.LockNotAvailable:
+        raise LockBusy(f"schema {schema} is locked by another run") from None
     finally:
         cursor.execute("RESET lock_timeout; SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
                        (key,))  # fmt: skip

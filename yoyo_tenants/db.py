@@ -1,5 +1,10 @@
 """Connections: resolving settings to a server, opening connections, and turning
-database errors into messages a user can act on (never showing a password)."""
+database errors into messages a user can act on (never showing a password).
+
+Errors are told apart by SQLSTATE (psycopg2.errorcodes), never by their words; PostgreSQL's words
+only choose the wording of a hint (the object a missing privilege is on, the missing type being
+pgvector's), and never what the tool does next.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import re
 from collections.abc import Mapping
 
 import psycopg2
+from psycopg2 import errorcodes
 
 from . import embedded
 from .errors import ConnectionFailed, Failure
@@ -14,9 +20,16 @@ from .settings import Settings, describe, printable
 
 # SQLSTATEs with advice beyond PostgreSQL's own words.
 _HINTS = {
-    "55P03": "a lock was not granted in time: another session holds it; retry later",
-    "57014": "the statement ran longer than statement_timeout",
+    errorcodes.LOCK_NOT_AVAILABLE: "a lock was not granted in time: another session holds it; "
+    "retry later",
+    errorcodes.QUERY_CANCELED: "the statement ran longer than statement_timeout",
 }
+#: What a missing pgvector fails with: its type, its files on the server, or its extension.
+_MISSING = (
+    errorcodes.UNDEFINED_OBJECT,
+    errorcodes.UNDEFINED_FILE,
+    errorcodes.FEATURE_NOT_SUPPORTED,
+)
 PGVECTOR_HINT = (
     "pgvector is missing: install it on the server (Debian: postgresql-NN-pgvector; built into "
     "RDS), then run invoke migrate-master, which runs CREATE EXTENSION vector WITH SCHEMA public"
@@ -94,9 +107,9 @@ def _hint(exc: BaseException, migration: str | None, user: str | None) -> str | 
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None) or ""
     # The missing object is pgvector's: its type, or the extension's files on the server.
-    if code in ("42704", "58P01", "0A000") and ('"vector"' in primary or "/vector." in primary):
+    if code in _MISSING and ('"vector"' in primary or "/vector." in primary):
         return PGVECTOR_HINT
-    if code == "42501":
+    if code == errorcodes.INSUFFICIENT_PRIVILEGE:
         return _privilege_hint(primary, migration, user or "the migrating user")
     return _HINTS.get(code or "")
 
@@ -134,11 +147,9 @@ def _privilege_hint(message: str, migration: str | None, user: str) -> str:
 def connection_lost(exc: BaseException) -> str:
     """Why a connection in use broke, in words: the server's own reason where it sent one."""
     code = getattr(exc, "pgcode", None)
-    if code == "57P01":
+    if code == errorcodes.ADMIN_SHUTDOWN:
         return "the server shut down (terminating connection due to administrator command)"
-    if code in ("57P02", "57P03"):
+    if code in (errorcodes.CRASH_SHUTDOWN, errorcodes.CANNOT_CONNECT_NOW):
         return "the server crashed or is restarting"
-    text = " ".join(str(exc).split())
-    if "server closed the connection unexpectedly" in text:
-        return "the connection was lost: the server closed it unexpectedly"
-    return f"the connection was lost ({text or type(exc).__name__})"
+    first = next(iter(str(exc).strip().splitlines()), "").strip()  # libpq's reason
+    return f"the connection was lost ({first or type(exc).__name__})"

@@ -34,7 +34,14 @@ from .alone import run_alone
 from .errors import Failure, LockBusy, TenantsError
 from .log import Log
 from .results import RunOptions, SchemaResult
-from .session import LOCK_NOT_AVAILABLE, LogMoved, MessageFailed, Session, migrations_of
+from .session import (
+    LOCK_NOT_AVAILABLE,
+    LogMoved,
+    MessageFailed,
+    Session,
+    in_transaction,
+    migrations_of,
+)
 
 
 def mark_schema(connection, schema: str, options: RunOptions, choose) -> list:
@@ -122,7 +129,7 @@ def _round(session: Session, plan, result, options, known, prelude, atomic, fres
             session.begin(prelude)
             session.expect(current, fresh)
         for index, migration in enumerate(todo):
-            if not migration.use_transactions:
+            if not in_transaction(migration, plan.operation):
                 break
             session.run(migration, plan.operation, plan.batch)
             if session.must_commit and index + 1 < len(todo):
@@ -141,7 +148,7 @@ def _round(session: Session, plan, result, options, known, prelude, atomic, fres
     rest = todo[len(ran) :]
     if not rest:
         return None
-    if rest[0].use_transactions:
+    if in_transaction(rest[0], plan.operation):
         return _Again(left)
     try:
         if run_alone(session, rest[0], plan.operation, plan.batch):

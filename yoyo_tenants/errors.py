@@ -45,13 +45,27 @@ class SchemaCollision(TenantsError):
 
 
 class MigrationFailed(TenantsError):
-    """A migration's SQL failed; its schema's transaction was rolled back."""
+    """A migration failed in a schema, and was rolled back; `failure` says where and why."""
 
-    def __init__(self, migration_id: str, schema: str, error: str):
-        self.migration_id = migration_id
-        self.schema = schema
-        self.error = error
-        super().__init__(f"migration {migration_id} failed in schema {schema}: {error}")
+    def __init__(self, schema: str, failure: Failure):
+        self.schema, self.failure = schema, failure
+        self.migration_id = failure.migration or "-"
+        super().__init__(f"migration {self.migration_id} failed in schema {schema}: {failure}")
+
+
+class Drift(TenantsError):
+    """Applied migrations' files changed or vanished since: the schema is left alone."""
+
+    def __init__(self, schema: str, problems: list[str]):
+        self.problems = problems
+        shown = "; ".join(problems[:FEW]) + (
+            f"; and {len(problems) - FEW} more" if len(problems) > FEW else ""
+        )
+        super().__init__(f"drift in {schema}: {shown} (fix the files, or pass --allow-drift)")
+
+
+class WouldEmpty(TenantsError):
+    """A rollback would undo what makes a schema usable: refused unless asked for (--yes)."""
 
 
 class UnsafeMigration(TenantsError):

@@ -14,19 +14,8 @@ from weakref import WeakKeyDictionary
 
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
-from .errors import FEW, MigrationsMissing, TenantsError, UsageError, few
+from .errors import Drift, MigrationsMissing, UsageError, WouldEmpty, few
 from .log import ACCEPT, AppliedMigration, Log, migration_checksum
-
-
-class Drift(TenantsError):
-    """Applied migrations' files changed or vanished since: the schema is left alone."""
-
-    def __init__(self, schema: str, problems: list[str]):
-        self.problems = problems
-        shown = "; ".join(problems[:FEW]) + (
-            f"; and {len(problems) - FEW} more" if len(problems) > FEW else ""
-        )
-        super().__init__(f"drift in {schema}: {shown} (fix the files, or pass --allow-drift)")
 
 
 class ApplyPlan:
@@ -83,10 +72,6 @@ class RollbackTarget:
             last = max((row.batch or 0 for row in applied), default=None)
             chosen = [row for row in applied if (row.batch or 0) == last]
         return list(reversed(chosen))
-
-
-class WouldEmpty(TenantsError):
-    """A rollback would undo what makes a schema usable: refused unless asked for (--yes)."""
 
 
 class RollbackPlan:

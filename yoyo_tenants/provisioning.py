@@ -110,7 +110,7 @@ def _provision(
         _unregister(connection, tenant, options)
     if result.skipped:
         raise LockBusy(str(result.failure))
-    raise MigrationFailed(result.failure.migration or "-", tenant.schema, str(result.failure))
+    raise MigrationFailed(tenant.schema, result.failure)
 
 
 def _check_fleet(connection, migrations) -> None:
@@ -135,7 +135,7 @@ def _registered(connection, tenant: Tenant, migrations, options, first_failure) 
     if result.failure:
         if result.failure.migration is None:
             raise NotReady(str(result.failure))
-        raise MigrationFailed(result.failure.migration, tenant.schema, str(result.failure))
+        raise MigrationFailed(tenant.schema, result.failure)
     return Provisioned(tenant, created=False, migrations=result.migrations)
 
 

@@ -266,6 +266,16 @@ def drops_table(script: Script, schema: str, table: str) -> bool:
     return False
 
 
+def is_transaction_control(text: str) -> bool:
+    """Whether `text` is one statement that begins or ends a transaction (False if it is not
+    SQL pglast reads, such as a statement with %(name)s parameters)."""
+    try:
+        raw = parser.parse_sql(text)
+    except parser.ParseError:
+        return False
+    return len(raw) == 1 and isinstance(raw[0].stmt, ast.TransactionStmt)
+
+
 def check_sql(text: str, public: bool, where: str, transactional: bool = True) -> bool:
     """Check SQL a Python migration's step runs, as read_script checks a file; whether it must
     commit before the next migration runs (see Script.needs_commit)."""
@@ -289,8 +299,9 @@ def _problem(
             return start, TRANSACTION_ADVICE[node.kind]
         if transactional and (name := outside_transaction(node)):
             return start, (
-                f"{name} cannot run inside a transaction block, and this migration runs in one: "
-                "move it to a migration of its own whose first line is '-- transactional: false'"
+                f"{name} cannot run inside a transaction block, and this file runs in one: make "
+                "'-- transactional: false' its first line (a .rollback.sql is marked on its own), "
+                "in a migration of its own if the rest must stay in a transaction"
             )
         if not public and (name := _extension_change(node)):
             return start, (

@@ -207,7 +207,7 @@ class Session:
     def run(self, migration: Migration, operation: str, batch: int | None = None) -> None:
         """Queue (or, for Python, run) one transactional migration in its savepoint, then its
         guard and its log row. `operation`: "apply", "rollback" or "post-apply"."""
-        assert self.open and migration.use_transactions
+        assert self.open and in_transaction(migration, operation)
         self.ran.append((migration, operation))
         if self.savepoints:
             self._send(self.SAVEPOINT, alone=True)
@@ -379,6 +379,13 @@ def script_for(migration: Migration, operation: str) -> Script | bool | None:
     if operation == "rollback":
         return getattr(migration, "rollback_script", None)
     return migration.script
+
+
+def in_transaction(migration: Migration, operation: str) -> bool:
+    """Whether `operation` of `migration` runs in its schema's transaction: as the file that runs
+    says (a .rollback.sql is marked on its own), or as a Python migration says."""
+    script = script_for(migration, operation)
+    return script.transactional if isinstance(script, Script) else migration.use_transactions
 
 
 def step_direction(operation: str) -> str:

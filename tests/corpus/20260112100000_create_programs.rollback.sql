@@ -1,0 +1,2 @@
+DROP TABLE programs;
+DROP TYPE program_status;

@@ -1,0 +1,1 @@
+DELETE FROM programs WHERE title IN ('Welcome to coaching', 'First-time managers');

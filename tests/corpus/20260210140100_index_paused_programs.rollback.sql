@@ -1,0 +1,1 @@
+DROP INDEX programs_paused_idx;

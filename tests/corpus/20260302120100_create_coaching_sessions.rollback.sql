@@ -1,0 +1,2 @@
+DROP TABLE coaching_sessions;
+DROP TYPE session_status;
