@@ -134,6 +134,7 @@ class TenantBackend(PostgresqlBackend):
         self.search_path = Session(connection, self.schema, self.options).search_path
         return connection
 
+    @reported
     def init_database(self):
         # yoyo creates a lock table and probes transactional DDL with a scratch table here.
         # PostgreSQL has transactional DDL, and our lock is an advisory lock.

@@ -11,9 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
 from yoyo.migrations import MigrationList
 
 from . import citus, heads, log, registry, runs, scaffold
@@ -22,10 +25,19 @@ from .engine import mark_schema, migrate_schema
 from .errors import TenantsError, UsageError
 from .lint import refuse_unclean
 from .loading import load_migrations
-from .log import Log, migration_checksum
-from .plan import ApplyPlan, Drift, RepairPlan, RollbackPlan, RollbackTarget, migration_sql
+from .log import Log
+from .plan import (
+    ApplyPlan,
+    Drift,
+    RepairPlan,
+    RollbackPlan,
+    RollbackTarget,
+    drift_words,
+    drifted,
+    migration_sql,
+)
 from .registry import Tenant
-from .results import Direction, RunOptions, SchemaResult
+from .results import Command, Direction, RunOptions, SchemaResult
 from .runner import RunResult, SchemaState, run_schemas, scan
 from .scripts import drops_table
 from .server import prepare_run
@@ -44,12 +56,22 @@ OnStart = Callable[[int, int], None]
 PlanFor = Callable[[str], Any]
 
 
-def run_options(settings: Settings, **options: Any) -> RunOptions:
-    """RunOptions from the settings' timeouts, overridden by keyword (see RunOptions' fields)."""
-    options = {key: value for key, value in options.items() if value is not None}
-    options.setdefault("lock_timeout", settings.lock_timeout)
-    options.setdefault("statement_timeout", settings.statement_timeout)
-    return RunOptions(**options)
+@dataclass
+class Run:
+    """A run to make: which command, over which schemas, planned how, with what options."""
+
+    command: Command
+    tenants: list[Tenant]
+    plans: Plans
+    options: RunOptions
+    jobs: int = 1
+    fail_fast: bool = False
+    dry_run: bool = False
+    on_result: OnResult | None = None
+    on_start: OnStart | None = None
+    #: The migrations a run applies: schemas the heads index says are at their head need no read.
+    index: MigrationList | None = None
+    rollout: Rollout | None = None
 
 
 # -- master --------------------------------------------------------------------------------------
@@ -64,17 +86,19 @@ def migrate_master(
     `options` are RunOptions fields: lock_wait, lock_timeout, statement_timeout, retries, ...
     """
     migrations = load_migrations(settings.master_dir, public=True)
-    opts = run_options(settings, **options)
+    opts = RunOptions.of(settings, **options)
     if lint:
         refuse_unclean(settings, True, [Tenant(None, PUBLIC)])
     return _run(
         settings,
-        "migrate-master",
-        [Tenant(None, PUBLIC)],
-        _applying(migrations, opts.allow_drift),
-        opts,
-        dry_run=dry_run,
-        index=migrations,
+        Run(
+            Command.MIGRATE_MASTER,
+            [Tenant(None, PUBLIC)],
+            Applying(migrations, opts.allow_drift),
+            opts,
+            dry_run=dry_run,
+            index=migrations,
+        ),
     )
 
 
@@ -92,14 +116,16 @@ def rollback_master(
     tenants are registered is refused unless `yes`."""
     migrations = load_migrations(settings.master_dir, public=True)
     target = RollbackTarget(steps=steps, to=to, run=run, yes=yes)
-    opts = run_options(settings, **options)
+    opts = RunOptions.of(settings, **options)
     return _run(
         settings,
-        "rollback-master",
-        [Tenant(None, PUBLIC)],
-        _rolling_back(migrations, target, "migrate-master", protect=_registry_kept),
-        opts,
-        dry_run=dry_run,
+        Run(
+            Command.ROLLBACK_MASTER,
+            [Tenant(None, PUBLIC)],
+            RollingBack(migrations, target, Command.MIGRATE_MASTER, protect=_registry_kept),
+            opts,
+            dry_run=dry_run,
+        ),
     )
 
 
@@ -133,8 +159,7 @@ def migrate_tenants(
     each as it ends (see waves.py).
     """
     migrations = load_migrations(settings.tenant_dir)
-    opts = run_options(settings, **options)
-    plans = _applying(migrations, opts.allow_drift)
+    opts = RunOptions.of(settings, **options)
     rollout = None
     if waves is not None:
         if tenant is not None:
@@ -145,20 +170,10 @@ def migrate_tenants(
     tenants = _tenants(settings, tenant, jobs)
     if lint:
         refuse_unclean(settings, False, tenants)
-    return _run(
-        settings,
-        "migrate-tenants",
-        tenants,
-        plans,
-        opts,
-        jobs,
-        fail_fast,
-        dry_run,
-        on_result,
-        on_start,
-        index=migrations,
-        rollout=rollout,
-    )
+    run = Run(Command.MIGRATE_TENANTS, tenants, Applying(migrations, opts.allow_drift), opts)
+    run.jobs, run.fail_fast, run.dry_run = jobs, fail_fast, dry_run
+    run.on_result, run.on_start, run.index, run.rollout = on_result, on_start, migrations, rollout
+    return _run(settings, run)
 
 
 def rollback_tenants(
@@ -181,63 +196,71 @@ def rollback_tenants(
     from provisioning) is refused unless `yes`."""
     migrations = load_migrations(settings.tenant_dir)
     target = RollbackTarget(steps=steps, to=to, run=run, yes=yes)
-    opts = run_options(settings, **options)
-    plans = _rolling_back(migrations, target, "migrate-tenants")
-    tenants = _tenants(settings, tenant, jobs)
-    return _run(
-        settings,
-        "rollback-tenants",
-        tenants,
-        plans,
-        opts,
-        jobs,
-        fail_fast,
-        dry_run,
-        on_result,
-        on_start,
-    )
+    opts = RunOptions.of(settings, **options)
+    plans = RollingBack(migrations, target, Command.MIGRATE_TENANTS)
+    run = Run(Command.ROLLBACK_TENANTS, _tenants(settings, tenant, jobs), plans, opts)
+    run.jobs, run.fail_fast, run.dry_run = jobs, fail_fast, dry_run
+    run.on_result, run.on_start = on_result, on_start
+    return _run(settings, run)
 
 
-#: Given what the scan read and the run's cursor, makes the plan for one schema.
-Plans = Callable[[dict[str, SchemaState], Any], PlanFor]
+class Applying:
+    """Each schema's plan: apply what is pending (see plan.ApplyPlan)."""
+
+    def __init__(self, migrations: MigrationList, allow_drift: bool):
+        self.migrations, self.allow_drift = migrations, allow_drift
+
+    def planner(self, states: dict[str, SchemaState], cursor: Cursor) -> PlanFor:
+        return partial(ApplyPlan, migrations=self.migrations, allow_drift=self.allow_drift)
 
 
-def _applying(migrations: MigrationList, allow_drift: bool) -> Plans:
-    return lambda states, cursor: lambda schema: ApplyPlan(schema, migrations, allow_drift)
-
-
-def _rolling_back(
-    migrations: MigrationList, target: RollbackTarget, deploys: str, protect=None
-) -> Plans:
-    """Plans undoing `target`, or with no target given, the last run of `deploys` that applied
-    anything in these schemas (logs from before runs: each schema's last batch).
+class RollingBack:
+    """Each schema's plan: undo `target`, or with no target given, the last run of `deploys`
+    that applied anything in these schemas (logs from before runs: each schema's last batch).
 
     A `to` that names no migration file is refused here, once, before any schema is read: in
     each schema it could only fail as "not applied"."""
-    if target.to is not None and target.to not in {m.id for m in migrations}:
-        raise UsageError(f"--to {target.to}: no migration file has that id")
 
-    def plans(states: dict[str, SchemaState], cursor) -> PlanFor:
-        chosen = target
+    def __init__(
+        self,
+        migrations: MigrationList,
+        target: RollbackTarget,
+        deploys: Command,
+        protect: Callable[[Cursor], Callable[[list], str | None]] | None = None,
+    ):
+        if target.to is not None and target.to not in {m.id for m in migrations}:
+            raise UsageError(f"--to {target.to}: no migration file has that id")
+        self.migrations, self.target, self.deploys, self.protect = (
+            migrations, target, deploys, protect
+        )  # fmt: skip
+
+    def planner(self, states: dict[str, SchemaState], cursor: Cursor) -> PlanFor:
+        target = self.target
         if (target.steps, target.to, target.run) == (None, None, None):
-            chosen = replace(target, run=last_deploy(cursor, states, deploys), deploy=True)
-        guard = protect(cursor) if protect else (lambda todo: None)
-        return lambda schema: RollbackPlan(schema, migrations, chosen, guard)
+            last = last_deploy(cursor, states, self.deploys)
+            target = replace(target, run=last, deploy=True)
+        guard = self.protect(cursor) if self.protect else _nothing_protected
+        return partial(RollbackPlan, migrations=self.migrations, target=target, protect=guard)
 
-    return plans
+
+#: What makes each schema's plan, given what the scan read and the run's cursor.
+Plans = Applying | RollingBack
 
 
-def last_deploy(cursor, states: dict[str, SchemaState], command: str) -> int | None:
+def _nothing_protected(todo: list) -> str | None:
+    return None
+
+
+def last_deploy(cursor, states: dict[str, SchemaState], command: Command) -> int | None:
     """The most recent run of `command` that applied a migration still applied somewhere."""
     found = {row.run for state in states.values() for row in state.applied if row.run}
-    return next((run for run in runs.of_command(cursor, command) if run in found), None)
+    return next((run for run in runs.of_command(cursor, command.value) if run in found), None)
 
 
 def _registry_kept(cursor) -> Callable[[list], str | None]:
     """For public: a rollback must not drop the tenant registry while tenants are registered."""
-    cursor.execute("SELECT to_regclass('public.tenants') IS NOT NULL")
     registered = 0
-    if cursor.fetchone()[0]:
+    if registry.exists(cursor):
         cursor.execute("SELECT count(*) FROM public.tenants")
         registered = cursor.fetchone()[0]
 
@@ -267,81 +290,69 @@ def _tenants(settings: Settings, org_id: str | None, jobs: int) -> list[Tenant]:
         connection.close()
 
 
-def _run(
-    settings: Settings,
-    command: str,
-    tenants: list[Tenant],
-    plans: Plans,
-    options: RunOptions,
-    jobs: int = 1,
-    fail_fast: bool = False,
-    dry_run: bool = False,
-    on_result: OnResult | None = None,
-    on_start: OnStart | None = None,
-    index: MigrationList | None = None,
-    rollout: Rollout | None = None,
-) -> RunResult:
-    """Scan the schemas' logs (judging from the heads index against `index`, the migrations
-    a run applies, when given), then hand those with work to the engine as one run, in the
-    waves of `rollout` if given (or, in a dry run, say what it would do)."""
+def _run(settings: Settings, run: Run) -> RunResult:
+    """Scan the schemas' logs (judging from the heads index against `run.index` when given),
+    plan each schema once, then hand those with work to the engine as one run, in the waves of
+    `run.rollout` if given (or, in a dry run, say what it would do)."""
     started = time.perf_counter()
-    direction = Direction.ROLLBACK if command.startswith("rollback") else Direction.APPLY
+    tenants, options, direction = run.tenants, run.options, run.command.direction
     params = server_params(settings)
     connection = connect(params)
     try:
         cursor = connection.cursor()
-        if rollout:
-            tenants = rollout.order(cursor, tenants, settings.tenants_query)
-        states = scan(cursor, [t.schema for t in tenants], index)
-        plan = plans(states, cursor)
-        if dry_run:
-            run = _dry_run(tenants, states, plan, direction)
-            if rollout:
-                run.waves = rollout.split([r for r in run.schemas if r.migrations], len(tenants))
-            run.duration = time.perf_counter() - started
-            return run
+        if run.rollout:
+            tenants = run.rollout.order(cursor, tenants, settings.tenants_query)
+        states = scan(cursor, [t.schema for t in tenants], run.index)
+        planner = run.plans.planner(states, cursor)
+        plans = {t.schema: planner(t.schema) for t in tenants}
+        if run.dry_run:
+            result = _dry_run(tenants, states, plans, direction)
+            if run.rollout:
+                busy = [r for r in result.schemas if r.migrations]
+                result.waves = run.rollout.split(busy, len(tenants))
+            result.duration = time.perf_counter() - started
+            return result
         idle, work = {}, []
         for t in tenants:
-            result = SchemaResult(t.schema, t.org_id)
+            schema = SchemaResult(t.schema, t.org_id)
             state = states[t.schema]
             if not state.exists:
-                result.fail(f"schema {t.schema} of {t.org_id} does not exist")
-                idle[t.schema] = result
+                schema.fail(f"schema {t.schema} of {t.org_id} does not exist")
+                idle[t.schema] = schema
             elif state.unreadable:
-                result.fail(f"the log of {t.schema} cannot be read: {state.unreadable}")
-                idle[t.schema] = result
-            elif _needs_work(state, plan(t.schema)):
-                work.append(result)
+                schema.fail(f"the log of {t.schema} cannot be read: {state.unreadable}")
+                idle[t.schema] = schema
+            elif _needs_work(state, plans[t.schema]):
+                work.append(schema)
             else:
-                idle[t.schema] = result
+                idle[t.schema] = schema
         if work:  # the server is checked, and Citus detected, only for a run that writes
             options = prepare_run(connection, options, settings.citus, write=True)
-            options = replace(options, run=runs.start(cursor, command))
+            options = replace(options, run=runs.start(cursor, run.command.value))
     finally:
         connection.close()
 
-    if on_start:
-        on_start(len(work), len(tenants))
+    if run.on_start:
+        run.on_start(len(work), len(tenants))
 
-    def action(connection, result: SchemaResult) -> SchemaResult:
+    def action(connection: Connection, result: SchemaResult) -> SchemaResult:
         known, prelude = starting_point(states[result.schema], result.schema, options.citus)
-        return migrate_schema(
-            connection, plan(result.schema), result, options, known=known, prelude=prelude
-        )
+        plan = plans[result.schema]
+        return migrate_schema(connection, plan, result, options, known=known, prelude=prelude)
 
     def run_work(schemas: list[SchemaResult]) -> RunResult:
         return run_schemas(
             params,
             schemas,
             action,
-            direction=direction.value,
-            jobs=jobs,
-            fail_fast=fail_fast,
-            on_result=on_result,
+            direction=direction,
+            jobs=run.jobs,
+            fail_fast=run.fail_fast,
+            on_result=run.on_result,
         )
 
-    if rollout and work:  # one run, in waves: the same run number on every log row they write
-        done = rollout.run(rollout.split(work, len(tenants)), run_work, options.run)
+    if run.rollout and work:  # one run, in waves: the same run number on every log row
+        done = run.rollout.run(run.rollout.split(work, len(tenants)), run_work, options.run)
     else:
         done = run_work(work)
     by_schema = {r.schema: r for r in done.schemas}
@@ -376,9 +387,9 @@ def starting_point(state: SchemaState, schema: str, citus: bool) -> tuple[Log | 
 # -- dry runs ------------------------------------------------------------------------------------
 
 
-def _dry_run(tenants, states, plan_for: PlanFor, direction: Direction) -> RunResult:
+def _dry_run(tenants, states, plans: dict[str, Any], direction: Direction) -> RunResult:
     """What a run would do, read from the catalog in a few queries; nothing is written."""
-    run = RunResult(direction.value, dry_run=True)
+    run = RunResult(direction, dry_run=True)
     for t in tenants:
         result = SchemaResult(t.schema, t.org_id)
         state = states[t.schema]
@@ -388,7 +399,7 @@ def _dry_run(tenants, states, plan_for: PlanFor, direction: Direction) -> RunRes
             result.fail(f"{t.schema} keeps yoyo's tables, which a real run converts first")
         else:
             try:
-                todo = plan_for(t.schema).choose(state.log)
+                todo = plans[t.schema].choose(state.log)
             except Drift as exc:
                 result.fail(f"{exc} (would be refused)")
                 todo = []
@@ -432,8 +443,8 @@ class SchemaStatus:
 
     @property
     def drift(self) -> list[str]:
-        return [f"{m} changed since applied" for m in self.changed] + [
-            f"{m} applied but its file is gone" for m in self.unknown
+        return [drift_words(m, gone=False) for m in self.changed] + [
+            drift_words(m, gone=True) for m in self.unknown
         ]
 
     @property
@@ -486,8 +497,7 @@ def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]
     if settings.tenants_query is not None:
         tenants = registry.list_tenants(cursor, settings.tenants_query)
     else:
-        cursor.execute("SELECT to_regclass('public.tenants')")
-        tenants = registry.list_tenants(cursor) if cursor.fetchone()[0] else []
+        tenants = registry.list_tenants(cursor) if registry.exists(cursor) else []
     states.update(
         scan(cursor, [t.schema for t in tenants], tenant_migrations if from_index else None)
     )
@@ -507,7 +517,7 @@ def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]
 
 def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList) -> SchemaStatus:
     applied = state.applied_hashes
-    files = {m.hash: m for m in migrations}
+    problems = drifted(state.applied, migrations)
     return SchemaStatus(
         schema=schema,
         org_id=org_id,
@@ -516,14 +526,8 @@ def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList
         unreadable=state.unreadable,
         applied=[m.id for m in migrations if m.hash in applied],
         pending=[m.id for m in migrations if m.hash not in applied],
-        unknown=[row.migration_id for row in state.applied if row.migration_hash not in files],
-        changed=[
-            row.migration_id
-            for row in state.applied
-            if row.migration_hash in files
-            and row.checksum
-            and row.checksum != migration_checksum(files[row.migration_hash])
-        ],
+        unknown=[p.migration_id for p in problems if p.file is None],
+        changed=[p.migration_id for p in problems if p.file is not None],
     )
 
 
@@ -614,7 +618,7 @@ def repair(
     connection = connect(params)
     try:
         cursor = connection.cursor()
-        options = prepare_run(connection, run_options(settings), settings.citus, not dry_run)
+        options = prepare_run(connection, RunOptions.of(settings), settings.citus, not dry_run)
         report, states = _status(settings, cursor, from_index=False)
         folders = {PUBLIC: master, **{t.schema: tenant_migrations for t in report.tenants}}
         orgs = {t.schema: t.org_id for t in report.tenants}
@@ -635,18 +639,18 @@ def repair(
             elif marks:
                 work.append(result)
         if work:
-            options = replace(options, run=runs.start(cursor, "repair"))
+            options = replace(options, run=runs.start(cursor, Command.REPAIR.value))
     finally:
         connection.close()
     if dry_run:
-        return RunResult("repair", results, dry_run=True)
+        return RunResult(Direction.REPAIR, results, dry_run=True)
 
     def action(connection, result: SchemaResult) -> SchemaResult:
         marks = mark_schema(connection, result.schema, options, plans[result.schema].choose)
         result.migrations = [m.id for m, _, _ in marks]
         return result
 
-    done = run_schemas(params, work, action, direction="repair", jobs=jobs)
+    done = run_schemas(params, work, action, direction=Direction.REPAIR, jobs=jobs)
     done.schemas, done.run = results, options.run
     return done
 
@@ -660,6 +664,6 @@ def move_tenant(settings: Settings, org_id: str, to: str) -> tuple[str | None, s
     connection = connect(server_params(settings))
     try:
         tenant = registry.tenant_of(connection.cursor(), org_id, settings.tenants_query)
-        return citus.move(connection, tenant.schema, to, run_options(settings))
+        return citus.move(connection, tenant.schema, to, RunOptions.of(settings))
     finally:
         connection.close()

@@ -53,6 +53,12 @@ def connect(params: Mapping[str, str]):
     return connection
 
 
+def public_table(cursor, name: str) -> bool:
+    """Whether `public.<name>` is there (the registry, the runs table, the heads index)."""
+    cursor.execute("SELECT to_regclass('public.' || quote_ident(%s)) IS NOT NULL", (name,))
+    return cursor.fetchone()[0]
+
+
 def clean_session(connection) -> None:
     """Leave nothing of one schema's work on the connection for the next: the server's own reset
     (DISCARD ALL: settings, role, temp tables, prepared statements, LISTEN, session advisory

@@ -25,6 +25,7 @@ from psycopg2 import errors, sql
 from yoyo.migrations import MigrationList
 
 from . import log
+from .db import public_table
 from .log import AppliedMigration, Log, migration_checksum
 
 TABLE = sql.Identifier("public", "yoyo_tenants_heads")
@@ -104,8 +105,7 @@ def head_digest(migrations: MigrationList) -> str:
 
 
 def exists(cursor) -> bool:
-    cursor.execute("SELECT to_regclass('public.yoyo_tenants_heads') IS NOT NULL")
-    return cursor.fetchone()[0]
+    return public_table(cursor, "yoyo_tenants_heads")
 
 
 def ensure(cursor) -> bool:

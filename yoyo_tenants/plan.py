@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
 from yoyo.migrations import Migration, MigrationList, topological_sort
@@ -27,13 +28,19 @@ class ApplyPlan:
         self.schema, self.migrations, self.allow_drift = schema, migrations, allow_drift
         self.hooks = migrations.post_apply
         self.batch: int | None = None
+        #: The log it was last asked about, and its answer: a run asks once when it scans and
+        #: again when the engine starts on the same log.
+        self._chose: tuple[Log, list[Migration]] | None = None
 
     def choose(self, log: Log) -> list[Migration]:
+        if self._chose is not None and self._chose[0] is log:
+            return self._chose[1]
         problems, todo = _pending(self.migrations, tuple(log.applied), self.allow_drift)
         if problems:
             raise Drift(self.schema, problems)
         if self.batch is None:  # one batch for the whole run, even over several transactions
             self.batch = log.last_batch + 1
+        self._chose = (log, todo)
         return todo
 
 
@@ -155,17 +162,39 @@ def pending(migrations: MigrationList, applied: Sequence[AppliedMigration]) -> l
     return list(topological_sort(m for m in migrations if m.hash not in done))
 
 
-def drift(applied: Sequence[AppliedMigration], migrations: MigrationList) -> list[str]:
-    """Applied migrations whose file changed since, or no longer exists."""
+class Drifted(NamedTuple):
+    """An applied migration whose file changed since, or is gone."""
+
+    migration_id: str
+    file: Migration | None  # as it is now; None: gone
+
+    def __str__(self) -> str:
+        return drift_words(self.migration_id, gone=self.file is None)
+
+
+def drift_words(migration_id: str, gone: bool) -> str:
+    if gone:
+        return f"{migration_id} was applied but its file is gone"
+    return f"{migration_id} changed since it was applied"
+
+
+def drifted(applied: Sequence[AppliedMigration], migrations: MigrationList) -> list[Drifted]:
+    """Applied migrations whose file changed since, or no longer exists: drift, the one way it
+    is worked out (migrate refuses it, status shows it, repair accepts it)."""
     files = {m.hash: m for m in migrations}
-    problems = []
+    found = []
     for row in applied:
         migration = files.get(row.migration_hash)
         if migration is None:
-            problems.append(f"{row.migration_id} was applied but its file is gone")
+            found.append(Drifted(row.migration_id, None))
         elif row.checksum and row.checksum != migration_checksum(migration):
-            problems.append(f"{row.migration_id} changed since it was applied")
-    return problems
+            found.append(Drifted(row.migration_id, migration))
+    return found
+
+
+def drift(applied: Sequence[AppliedMigration], migrations: MigrationList) -> list[str]:
+    """Drift, in words."""
+    return [str(problem) for problem in drifted(applied, migrations)]
 
 
 def migration_sql(migration: Migration, operation: str) -> list[str]:
@@ -195,20 +224,19 @@ class RepairPlan:
         forget_missing: bool = False,
     ):
         self.schema, self.only, self.forget_missing = schema, only, forget_missing
-        self.files = {m.hash: m for m in migrations}
+        self.migrations = migrations
 
     def choose(self, log: Log) -> list[tuple[Migration, str, None]]:
         marks, missing = [], []
-        for row in log.applied:
-            if self.only is not None and row.migration_id != self.only:
+        for problem in drifted(log.applied, self.migrations):
+            if self.only is not None and problem.migration_id != self.only:
                 continue
-            migration = self.files.get(row.migration_hash)
-            if migration is None and self.forget_missing:
-                marks.append((Migration(row.migration_id, None, None), "unmark", None))
-            elif migration is None:
-                missing.append(row.migration_id)
-            elif row.checksum and row.checksum != migration_checksum(migration):
-                marks.append((migration, ACCEPT, None))
+            if problem.file is not None:
+                marks.append((problem.file, ACCEPT, None))
+            elif self.forget_missing:
+                marks.append((Migration(problem.migration_id, None, None), "unmark", None))
+            else:
+                missing.append(problem.migration_id)
         if missing:
             raise MigrationsMissing(
                 f"{self.schema}: {', '.join(missing)} applied but the file is gone: restore it, "

@@ -18,7 +18,6 @@ from pglast.enums import ObjectType
 from psycopg2 import errorcodes, sql
 
 from . import citus, embedded, heads, log, registry
-from .commands import run_options
 from .db import connect, server_params
 from .engine import migrate_schema
 from .errors import (
@@ -34,7 +33,7 @@ from .loading import load_migrations
 from .log import Log
 from .plan import ApplyPlan, Drift, drift, migration_sql
 from .registry import Tenant
-from .results import SchemaResult
+from .results import RunOptions, SchemaResult
 from .runner import scan
 from .server import prepare_run, read_server
 from .session import MessageFailed, Session
@@ -71,7 +70,7 @@ def provision_tenant(
     migrations = load_migrations(settings.tenant_dir)
     if lint:
         refuse_unclean(settings, False, [tenant])
-    options = run_options(settings, lock_wait=lock_wait, allow_drift=allow_drift)
+    options = RunOptions.of(settings, lock_wait=lock_wait, allow_drift=allow_drift)
     connection = connect(server_params(settings))
     try:
         state = read_server(connection, fleet=None if dry_run else migrations)
@@ -239,7 +238,7 @@ def deprovision_tenant(
             except TenantsError:
                 _comment(cursor, tenant.schema, comment)  # nothing dropped, nothing changed
                 raise
-        _unregister(connection, tenant, run_options(settings))  # waits for any run on it
+        _unregister(connection, tenant, RunOptions.of(settings))  # waits for any run on it
         result.dropped = True
         return result
     finally:
@@ -301,7 +300,7 @@ def restore_tenant(settings: Settings, archive: str | Path) -> Restored:
         try:
             if on_citus:  # restored as a plain schema (see _pg_restore): now distributed
                 cursor.execute("SELECT citus_schema_distribute(%s::regnamespace)", (schema,))
-            session = Session(connection, schema, run_options(settings))
+            session = Session(connection, schema, RunOptions.of(settings))
             prelude = registry.reregister_sql(schema, row, _columns(cursor))
             session.begin(prelude)
             session.commit()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import psycopg2
 from psycopg2 import sql
 
+from .db import public_table
 from .errors import NotReady, UnknownTenant, UsageError
 
 ORG_ID = re.compile(r"org_[A-Za-z0-9]+")
@@ -48,14 +49,12 @@ def schema_for(org_id: str) -> str:
 
 def exists(cursor) -> bool:
     """Whether the registry is there (the master migrations make it)."""
-    cursor.execute("SELECT to_regclass('public.tenants') IS NOT NULL")
-    return cursor.fetchone()[0]
+    return public_table(cursor, "tenants")
 
 
 def ensure_registry(cursor) -> None:
     """Fail clearly when the master migrations (which create the registry) have not run."""
-    cursor.execute("SELECT to_regclass('public.tenants')")
-    if cursor.fetchone()[0] is None:
+    if not public_table(cursor, "tenants"):
         raise NotReady(REGISTRY_MISSING)
 
 

@@ -4,14 +4,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 from .errors import Failure
 from .log import RowValues
 
+if TYPE_CHECKING:
+    from .settings import Settings
+
 
 class Direction(str, Enum):
+    """What a run does to the schemas it changes (the values are the words reports use)."""
+
     APPLY = "apply"
     ROLLBACK = "rollback"
+    REPAIR = "repair"
+
+
+class Command(str, Enum):
+    """The commands that are runs, by the names their runs are recorded under (see runs.py)."""
+
+    MIGRATE_MASTER = "migrate-master"
+    ROLLBACK_MASTER = "rollback-master"
+    MIGRATE_TENANTS = "migrate-tenants"
+    ROLLBACK_TENANTS = "rollback-tenants"
+    REPAIR = "repair"
+
+    @property
+    def direction(self) -> Direction:
+        return _DIRECTIONS[self]
+
+
+_DIRECTIONS = {
+    Command.MIGRATE_MASTER: Direction.APPLY,
+    Command.MIGRATE_TENANTS: Direction.APPLY,
+    Command.ROLLBACK_MASTER: Direction.ROLLBACK,
+    Command.ROLLBACK_TENANTS: Direction.ROLLBACK,
+    Command.REPAIR: Direction.REPAIR,
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,14 @@ class RunOptions:
     @property
     def wait(self) -> float:
         return 60.0 if self.lock_wait is None else self.lock_wait
+
+    @classmethod
+    def of(cls, settings: Settings, **options: Any) -> RunOptions:
+        """The settings' timeouts, overridden by `options` (fields; None: not given)."""
+        given = {key: value for key, value in options.items() if value is not None}
+        given.setdefault("lock_timeout", settings.lock_timeout)
+        given.setdefault("statement_timeout", settings.statement_timeout)
+        return cls(**given)
 
 
 class Outcome(str, Enum):

@@ -12,6 +12,7 @@ import contextlib
 
 from psycopg2 import errors, sql
 
+from .db import public_table
 from .log import log_identity
 
 TABLE = sql.Identifier("public", "yoyo_tenants_runs")
@@ -32,8 +33,7 @@ LATEST_SQL = sql.SQL("SELECT id FROM {runs} WHERE command = %s ORDER BY id DESC"
 
 def start(cursor, command: str) -> int:
     """Register a run of `command` (making the runs table the first time); its id."""
-    cursor.execute("SELECT to_regclass('public.yoyo_tenants_runs')")
-    if cursor.fetchone()[0] is None:
+    if not public_table(cursor, "yoyo_tenants_runs"):
         with contextlib.suppress(errors.UniqueViolation):  # another run made it a moment ago
             cursor.execute(CREATE_SQL)
     cursor.execute(START_SQL, {"command": command, **log_identity()})
@@ -42,8 +42,7 @@ def start(cursor, command: str) -> int:
 
 def of_command(cursor, command: str) -> list[int]:
     """The runs of `command`, newest first ([] when no run was ever registered)."""
-    cursor.execute("SELECT to_regclass('public.yoyo_tenants_runs')")
-    if cursor.fetchone()[0] is None:
+    if not public_table(cursor, "yoyo_tenants_runs"):
         return []
     cursor.execute(LATEST_SQL, (command,))
     return [row[0] for row in cursor.fetchall()]
