@@ -164,6 +164,18 @@ def write_migration(directory: Path, migration_id: str, apply: str, rollback: st
         (directory / f"{migration_id}.rollback.sql").write_text(rollback)
 
 
+def conflicting_table(params, schema: str, table: str) -> None:
+    """A table in a registered tenant's schema that a migration will try to create: the schema
+    gets its (empty) log first, so that it reads as never migrated rather than as holding
+    tables without a log (which verify and every run refuse as damage)."""
+    from yoyo_tenants.log import create_sql
+
+    with Admin(params) as admin:
+        for statement in create_sql(schema):
+            admin.execute(statement)
+        admin.execute(sql.SQL("CREATE TABLE {} (x text)").format(sql.Identifier(schema, table)))
+
+
 #: A tenant migration after the shipped ones, with its rollback (see add_nickname).
 ADD_NICKNAME = "20300101000000_add_nickname"
 

@@ -12,13 +12,12 @@ import shutil
 import subprocess
 
 import pytest
-from psycopg2 import sql
 from rich.console import Console
 
 from yoyo_tenants import commands, report
 from yoyo_tenants.registry import Tenant, schema_for
 
-from .conftest import REPO, applied_ids, run_invoke
+from .conftest import REPO, applied_ids, conflicting_table, run_invoke
 from .test_scale import Scale, _query
 
 JOBS = "2"
@@ -80,8 +79,7 @@ def one_broken(crowd) -> Tenant:
     """A new tenant with the longest org id, whose t2 already exists: its run fails in t2's
     migration (t1's commits)."""
     (broken,) = register(crowd, [LONG_ORG])
-    conflict = sql.SQL("CREATE TABLE {} (x text)").format(sql.Identifier(broken.schema, "t2"))
-    _query(crowd.params, conflict)
+    conflicting_table(crowd.params, broken.schema, "t2")
     return broken
 
 
@@ -247,9 +245,9 @@ def mixed(project) -> Scale:
         assert scale.migrate(tenant=t.org_id).ok
     for path in hidden.iterdir():
         path.rename(scale.tenant_dir / path.name)
-    scale.never, scale.missing, scale.unreadable = register(scale, orgs(297, 3))
+    scale.never, scale.missing, scale.damaged = register(scale, orgs(297, 3))
     _query(scale.params, f"DROP SCHEMA {scale.missing.schema}")
-    _query(scale.params, f"CREATE TABLE {scale.unreadable.schema}._yoyo_log (batch int)")
+    _query(scale.params, f"CREATE TABLE {scale.damaged.schema}._yoyo_log (batch int)")
     return scale
 
 
@@ -273,7 +271,7 @@ def test_status_of_300_tenants_is_a_few_grouped_lines_with_the_first_org_ids(mix
         f"  3 behind by 1 ({ids[2]}): " + ", ".join(t.org_id for t in mixed.behind_1),
         f"  1 never migrated: {mixed.never.org_id}",
         f"  1 schema missing: {mixed.missing.org_id}",
-        f"  1 log unreadable: {mixed.unreadable.org_id}",
+        f"  1 log damaged: {mixed.damaged.org_id}",
         "(status --all lists every tenant, status --tenant ORG one)",
     ]
 
@@ -291,8 +289,8 @@ def test_status_all_lists_every_tenant_after_the_summary_one_line_each(mixed):
     )
     at_head = mixed.at_head[0]
     assert f"{at_head.org_id} ({at_head.schema}): at head; 3 applied" in listed
-    unreadable = next(line for line in listed if line.startswith(mixed.unreadable.org_id))
-    assert "log unreadable" in unreadable and "does not exist" in unreadable
+    damaged = next(line for line in listed if line.startswith(mixed.damaged.org_id))
+    assert "log damaged" in damaged and "its column id is missing" in damaged
 
 
 def test_status_tenant_lists_that_one_tenant_and_an_unknown_one_is_an_error(mixed):

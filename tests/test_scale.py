@@ -26,7 +26,15 @@ from rich.console import Console
 from yoyo_tenants import TenantsError, commands, registry, report, runner, schema_for
 from yoyo_tenants.registry import Tenant
 
-from .conftest import REPO, YOYO_TABLES, Admin, applied_ids, tables, write_migration
+from .conftest import (
+    REPO,
+    YOYO_TABLES,
+    Admin,
+    applied_ids,
+    conflicting_table,
+    tables,
+    write_migration,
+)
 
 #: Prepended to a migration that must be slow, so a test can act while a run is midway.
 SLEEP = "SELECT pg_sleep({});\n"
@@ -236,9 +244,7 @@ def test_invoke_exits_1_when_one_tenant_fails_and_a_rerun_after_the_fix_complete
     m1 = scale.migration(1)
     tenants = scale.register(4)
     bad = tenants[1]
-    _query(
-        scale.params, sql.SQL("CREATE TABLE {} (x text)").format(sql.Identifier(bad.schema, "t2"))
-    )
+    conflicting_table(scale.params, bad.schema, "t2")
     m2 = scale.migration(2)
 
     done = scale.invoke("--jobs", "2")

@@ -273,9 +273,15 @@ def test_canaries_may_be_a_query_checked_like_tenants_query(fleet):
     run = migrate_tenants(chosen, waves="2,all", dry_run=True)
 
     assert [w.tenants for w in run.waves] == [[ORGS[4], ORGS[2]], [ORGS[0], ORGS[1], ORGS[3]]]
-    says = "canary-tenants, a query checked as tenants-query is: tenants-query must return two"
-    with pytest.raises(ConfigError, match=says):
+    with pytest.raises(ConfigError, match="canary-tenants must return two columns"):
         migrate_tenants(replace(fleet, canary_tenants="SELECT 1"), waves="1,all")
+    writes = "WITH d AS (DELETE FROM public.tenants RETURNING clerk_org_id, schema_name) "
+    with pytest.raises(ConfigError, match="canary-tenants tried to write"):
+        migrate_tenants(replace(fleet, canary_tenants=writes + "SELECT * FROM d"), waves="1,all")
+    registered = query(fleet.connection, "SELECT count(*) FROM public.tenants")
+    assert checked_in(fleet) == [] and registered == [(len(ORGS),)]
+    with pytest.raises(ConfigError, match="canary-tenants.*public"):
+        migrate_tenants(replace(fleet, canary_tenants="SELECT 'org_x', 'public'"), waves="1,all")
 
 
 def test_a_canary_that_is_not_a_tenant_is_refused_before_anything_runs(fleet):

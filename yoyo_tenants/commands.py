@@ -22,7 +22,7 @@ from yoyo.migrations import MigrationList
 from . import citus, heads, log, registry, runs, scaffold
 from .db import connect, server_params
 from .engine import mark_schema, migrate_schema
-from .errors import TenantsError, UsageError
+from .errors import LogDamaged, TenantsError, UsageError
 from .lint import refuse_unclean
 from .loading import load_migrations
 from .log import Log
@@ -48,6 +48,7 @@ from .waves import OnWave, Rollout
 DEFAULT_JOBS = min(8, 2 * (os.cpu_count() or 2))
 PUBLIC = "public"
 OLD_LAYOUT = "keeps yoyo's migration tables, which the next migrate converts to one log"
+UNLOGGED = f"it has tables but no migration log ({log.TABLE})"
 
 OnResult = Callable[[SchemaResult], None]
 #: Called once a run has scanned, before any schema is started: (schemas with work, schemas in all).
@@ -306,7 +307,7 @@ def _run(settings: Settings, run: Run) -> RunResult:
         planner = run.plans.planner(states, cursor)
         plans = {t.schema: planner(t.schema) for t in tenants}
         if run.dry_run:
-            result = _dry_run(tenants, states, plans, direction)
+            result = _dry_run(tenants, states, plans, direction, settings)
             if run.rollout:
                 busy = [r for r in result.schemas if r.migrations]
                 result.waves = run.rollout.split(busy, len(tenants))
@@ -321,6 +322,9 @@ def _run(settings: Settings, run: Run) -> RunResult:
                 idle[t.schema] = schema
             elif state.unreadable:
                 schema.fail(f"the log of {t.schema} cannot be read: {state.unreadable}")
+                idle[t.schema] = schema
+            elif damage := log_damage(state, t, settings):
+                schema.fail(damaged(t.schema, damage))
                 idle[t.schema] = schema
             elif _needs_work(state, plans[t.schema]):
                 work.append(schema)
@@ -362,6 +366,22 @@ def _run(settings: Settings, run: Run) -> RunResult:
     return done
 
 
+def log_damage(state: SchemaState, tenant: Tenant, settings: Settings) -> list[str]:
+    """Why a scanned schema's log is no evidence of what the schema holds (see
+    SchemaState.damage); for a registered tenant also tables without a log, which provisioning
+    makes with the schema. (A schema a tenants-query names may hold tables before a first run
+    adopts it; public holds the app's own.)"""
+    problems = list(state.damage)
+    registered = tenant.org_id is not None and settings.tenants_query is None
+    if registered and state.unlogged_tables:
+        problems.append(UNLOGGED)
+    return problems
+
+
+def damaged(schema: str, damage: list[str]) -> str:
+    return str(LogDamaged(schema, damage))
+
+
 def _needs_work(state: SchemaState, plan) -> bool:
     """Whether a scanned schema has anything for `plan` to do (a plan's verdict on its own log,
     or a log table to make or convert)."""
@@ -387,7 +407,9 @@ def starting_point(state: SchemaState, schema: str, citus: bool) -> tuple[Log | 
 # -- dry runs ------------------------------------------------------------------------------------
 
 
-def _dry_run(tenants, states, plans: dict[str, Any], direction: Direction) -> RunResult:
+def _dry_run(
+    tenants, states, plans: dict[str, Any], direction: Direction, settings: Settings
+) -> RunResult:
     """What a run would do, read from the catalog in a few queries; nothing is written."""
     run = RunResult(direction, dry_run=True)
     for t in tenants:
@@ -395,6 +417,8 @@ def _dry_run(tenants, states, plans: dict[str, Any], direction: Direction) -> Ru
         state = states[t.schema]
         if not state.exists:
             result.fail(f"schema {t.schema} does not exist")
+        elif damage := log_damage(state, t, settings):
+            result.fail(damaged(t.schema, damage))
         elif state.old_layout:
             result.fail(f"{t.schema} keeps yoyo's tables, which a real run converts first")
         else:
@@ -426,6 +450,7 @@ class Standing(str, Enum):
     OLD_LAYOUT = "old layout"
     SCHEMA_MISSING = "schema missing"
     UNREADABLE = "log unreadable"  # damaged, or a privilege missing
+    DAMAGED = "log damaged"  # read, but no evidence (see SchemaState.damage)
 
 
 @dataclass
@@ -440,6 +465,7 @@ class SchemaStatus:
     old_layout: bool = False  # keeps yoyo's tables: the next migrate converts them
     unreadable: str | None = None  # why its log could not be read
     node: str | None = None  # on Citus, the worker holding it (host:port)
+    damage: list[str] = field(default_factory=list)  # why its log is no evidence
 
     @property
     def drift(self) -> list[str]:
@@ -453,6 +479,8 @@ class SchemaStatus:
             return Standing.SCHEMA_MISSING
         if self.unreadable:
             return Standing.UNREADABLE
+        if self.damage:
+            return Standing.DAMAGED
         if self.old_layout:
             return Standing.OLD_LAYOUT
         if self.changed or self.unknown:
@@ -501,11 +529,10 @@ def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]
     states.update(
         scan(cursor, [t.schema for t in tenants], tenant_migrations if from_index else None)
     )
+    public = Tenant(None, PUBLIC)
     report = Status(
-        master=_schema_status(PUBLIC, None, states[PUBLIC], master),
-        tenants=[
-            _schema_status(t.schema, t.org_id, states[t.schema], tenant_migrations) for t in tenants
-        ],
+        master=_schema_status(public, states[PUBLIC], master, settings),
+        tenants=[_schema_status(t, states[t.schema], tenant_migrations, settings) for t in tenants],
         master_head=master[-1].id if master else None,
         tenant_head=tenant_migrations[-1].id if tenant_migrations else None,
     )
@@ -515,15 +542,18 @@ def _status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]
     return report, states
 
 
-def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList) -> SchemaStatus:
+def _schema_status(
+    tenant: Tenant, state: SchemaState, migrations: MigrationList, settings: Settings
+) -> SchemaStatus:
     applied = state.applied_hashes
     problems = drifted(state.applied, migrations)
     return SchemaStatus(
-        schema=schema,
-        org_id=org_id,
+        schema=tenant.schema,
+        org_id=tenant.org_id,
         exists=state.exists,
         old_layout=state.old_layout,
         unreadable=state.unreadable,
+        damage=log_damage(state, tenant, settings),
         applied=[m.id for m in migrations if m.hash in applied],
         pending=[m.id for m in migrations if m.hash not in applied],
         unknown=[p.migration_id for p in problems if p.file is None],
@@ -537,16 +567,17 @@ def _schema_status(schema, org_id, state: SchemaState, migrations: MigrationList
 def verify(settings: Settings) -> list[str]:
     """Every way the database disagrees with the migration files and the registry.
 
-    Drift in public or any tenant, logs that cannot be read, registered tenants without a
-    schema, and ``tid_`` schemas that no tenant is registered for, all read from the logs
-    themselves. The heads index is rebuilt from them (see heads.py); a row that disagreed with
-    its log is a problem too. An empty list means all is well.
+    Drift in public or any tenant, logs that cannot be read or are damaged (see log_damage),
+    registered tenants without a schema, and ``tid_`` schemas that no tenant is registered for,
+    all read from the logs themselves. The heads index is rebuilt from them (see heads.py); a
+    row that disagreed with its log is a problem too. An empty list means all is well.
     """
     connection = connect(server_params(settings))
     try:
         cursor = connection.cursor()
         report, states = _status(settings, cursor, from_index=False)
         problems = [f"public: {p}" for p in report.master.drift]
+        problems += [f"public: log damaged: {p}" for p in report.master.damage]
         if report.master.standing == Standing.NEVER_MIGRATED:
             problems.append("public has never been migrated: run invoke migrate-master")
         elif settings.tenants_query is None and not registry.exists(cursor):
@@ -562,6 +593,7 @@ def verify(settings: Settings) -> list[str]:
                 )
             elif states[t.schema].unreadable:
                 problems.append(f"{t.org_id} ({t.schema}): {states[t.schema].unreadable}")
+            problems += [f"{t.org_id} ({t.schema}): log damaged: {p}" for p in t.damage]
             problems += [f"{t.org_id} ({t.schema}): {p}" for p in t.drift]
         problems += [
             f"{schema}: the heads index did not match its log (the log was changed by "
@@ -626,6 +658,9 @@ def repair(
         for schema, migrations in folders.items():
             result = SchemaResult(schema, orgs.get(schema))
             results.append(result)
+            if damage := log_damage(states[schema], Tenant(orgs.get(schema), schema), settings):
+                result.fail(damaged(schema, damage))
+                continue
             if not states[schema].tables_ready or states[schema].unreadable:
                 continue
             plans[schema] = RepairPlan(schema, migrations, migration, forget_missing)

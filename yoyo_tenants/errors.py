@@ -64,6 +64,17 @@ class Drift(TenantsError):
         super().__init__(f"drift in {schema}: {shown} (fix the files, or pass --allow-drift)")
 
 
+class LogDamaged(TenantsError):
+    """A schema's log holds what no run writes: it is no evidence of what the schema holds, so
+    the schema is left as it is (verify names what is wrong)."""
+
+    def __init__(self, schema: str, damage: list[str]):
+        self.schema, self.damage = schema, damage
+        super().__init__(
+            f"the log of {schema} is damaged: {'; '.join(damage)} (left as it is: see verify)"
+        )
+
+
 class WouldEmpty(TenantsError):
     """A rollback would undo what makes a schema usable: refused unless asked for (--yes)."""
 

@@ -44,6 +44,11 @@ UPSERT_SQL = sql.SQL(
     "ON CONFLICT (schema_name) DO UPDATE SET log_table = EXCLUDED.log_table, "
     "position = EXCLUDED.position, applied = EXCLUDED.applied, batch = EXCLUDED.batch"
 )
+#: A damaged log's row, made to name no table (see rebuild).
+UNLINK_SQL = sql.SQL(
+    "UPDATE {heads} SET log_table = 0, position = 0, applied = '', batch = NULL "
+    "WHERE schema_name = %s"
+).format(heads=TABLE)
 #: The rows still describing the log they name: the same table, named _yoyo_log, in that schema,
 #: with every column a run reads and writes, and this user allowed to (the schema and the
 #: table). Any other schema's log is read whole (and, if it cannot be, reported by name). The
@@ -135,7 +140,8 @@ def old_layouts(cursor, schemas: Sequence[str]) -> set[str]:
 
 def rebuild(cursor, states) -> list[str]:
     """Make the index say what the logs in `states` (schema -> runner.SchemaState, read whole)
-    say; the schemas whose row said otherwise (a missing row is added, not counted)."""
+    say; the schemas whose row said otherwise (a missing row is added, not counted). A damaged
+    log's row is made to name no table, so that runs read that log whole (and refuse it)."""
     if not ensure(cursor):
         return []
     readable = [s for s, state in states.items() if state.tables_ready and not state.unreadable]
@@ -144,6 +150,10 @@ def rebuild(cursor, states) -> list[str]:
     for schema in readable:
         found = states[schema].log
         expected = (found.position, digest_of(found.applied), found.last_batch)
+        if states[schema].damage:
+            if schema in rows:  # a row naming no table: the next run reads the log, and stops
+                cursor.execute(UNLINK_SQL, (schema,))
+            continue
         if rows.get(schema, expected) != expected:
             wrong.append(schema)
         if rows.get(schema) != expected:

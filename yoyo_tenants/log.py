@@ -58,6 +58,21 @@ COLUMN_NAMES = (
 )  # fmt: skip
 #: A log from before runs were recorded gets the column the first time a run writes to it.
 RUN_COLUMN = "run"
+#: Every column as DEFINITION makes it: its type as PostgreSQL names it, and a VARCHAR's length.
+#: A log whose column is missing (but run: a log from before runs gets it) or of another type is
+#: damaged.
+LAYOUT = {
+    "id": ("integer", None),
+    "migration_id": ("character varying", 255),
+    "operation": ("character varying", 10),
+    "batch": ("integer", None),
+    "checksum": ("character varying", 64),
+    "username": ("character varying", 63),
+    "hostname": ("character varying", 95),
+    "created_at_utc": ("timestamp without time zone", None),
+    "run": ("bigint", None),
+}
+
 ADD_RUN_SQL = sql.SQL("ALTER TABLE {log} ADD COLUMN IF NOT EXISTS run BIGINT")
 #: That layout to this one, in the caller's transaction: each applied migration becomes an apply
 #: row, in the order 0.1 read them; yoyo's log is kept, renamed, as history.
@@ -206,6 +221,22 @@ def upgrade_sql(schema: str) -> sql.Composed:
     )
 
 
+def layout_type(column: str) -> str:
+    """A column's type as PostgreSQL's format_type() writes it."""
+    name, length = LAYOUT[column]
+    return name if length is None else f"{name}({length})"
+
+
+def layout_params() -> dict[str, list]:
+    """The layout as (name, type, type modifier) arrays for the catalog query (a VARCHAR's
+    modifier is its length plus PostgreSQL's 4-byte header)."""
+    return {
+        "names": list(LAYOUT),
+        "types": [name for name, _ in LAYOUT.values()],
+        "typmods": [-1 if length is None else length + 4 for _, length in LAYOUT.values()],
+    }
+
+
 APPLIED = ("apply", "mark")
 UNDONE = ("rollback", "unmark")
 #: The file of an applied migration as it is now is accepted (`invoke repair`): its checksum
@@ -213,6 +244,7 @@ UNDONE = ("rollback", "unmark")
 ACCEPT = "accept"
 #: Logged, never applied: a post-apply hook runs after every run that applied something.
 HOOK = "post-apply"
+OPERATIONS = (*APPLIED, *UNDONE, ACCEPT, HOOK)
 USERNAME_WIDTH, HOSTNAME_WIDTH = 63, 95
 
 
@@ -254,6 +286,8 @@ class Log:
     position: int = 0
     #: Its last batch, when known without its rows (from the heads index: see heads.py).
     batch: int | None = None
+    #: What in its rows no run writes (see from_rows): such a log is no evidence.
+    damage: tuple[str, ...] = ()
 
     @property
     def last_batch(self) -> int:
@@ -280,11 +314,21 @@ class Log:
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple]) -> Log:
-        """From rows of `columns()`, in any order."""
+        """From rows of `columns()`, in any order. What no run writes is noted in `damage` (in
+        the same pass: a scan reads thousands of logs): ids that are not 1, 2, 3, ... (a row
+        twice, or one deleted), an operation no run logs, a rollback or unmark of a migration
+        that was not applied then."""
         applied: dict[str, AppliedMigration] = {}
-        position = 0
-        for row in sorted(rows, key=lambda row: row[0]):
-            position, migration_id, operation, created_at, batch, checksum, run = row
+        damage: list[str] = []
+        position, numbered = 0, True
+        for row in sorted(rows, key=lambda row: (row[0] is None, row[0])):
+            number, migration_id, operation, created_at, batch, checksum, run = row
+            if numbered and number != position + 1:  # the first misnumbering says enough
+                damage.append(_misnumbered(number, position + 1))
+                numbered = False
+            position = position if number is None else number
+            if operation in UNDONE and migration_id not in applied:
+                damage.append(f"row {number} undoes {migration_id}, which was not applied")
             if operation in APPLIED or operation in UNDONE:
                 applied.pop(migration_id, None)  # a re-apply moves to the end
             if operation in APPLIED:
@@ -293,7 +337,19 @@ class Log:
                 )
             elif operation == ACCEPT and migration_id in applied:
                 applied[migration_id] = applied[migration_id]._replace(checksum=checksum)
-        return cls(list(applied.values()), position)
+            elif operation not in OPERATIONS:
+                damage.append(f"row {number} has an unknown operation {operation!r}")
+        return cls(list(applied.values()), position, damage=tuple(damage))
+
+
+def _misnumbered(number: int | None, expected: int) -> str:
+    if number is None:
+        return "a row has no id"
+    if expected == 1:
+        return f"its ids start at {number}, not 1"
+    if number == expected - 1:
+        return f"id {number} is there twice"
+    return f"its ids jump from {expected - 1} to {number}: a row is missing"
 
 
 _checksums: WeakKeyDictionary[Migration, str] = WeakKeyDictionary()

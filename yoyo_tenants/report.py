@@ -400,6 +400,7 @@ def _status_line(t: SchemaStatus) -> str:
     parts += [f"drift: {problem}" for problem in t.drift]
     if t.unreadable:
         parts.append(t.unreadable)
+    parts += t.damage
     return f"{t.org_id} ({t.schema}): {'; '.join(parts)}"
 
 
@@ -410,7 +411,9 @@ def _status_table(listed: Sequence[SchemaStatus]) -> Table:
         column.no_wrap = True  # an id cut in two is no id: the pending list gives way
     table.columns[-2].justify = "right"
     for t in listed:
-        pending = ", ".join(t.pending + t.drift + ([t.unreadable] if t.unreadable else []))
+        pending = ", ".join(
+            t.pending + t.drift + ([t.unreadable] if t.unreadable else []) + t.damage
+        )
         node = [t.node or ""] if placed else []
         table.add_row(t.org_id, t.schema, *node, t.state, str(len(t.applied)), pending)
     return table
@@ -426,6 +429,7 @@ def status_json(report: Status) -> dict:
             "pending": s.pending,
             "unknown": s.unknown,
             "changed": s.changed,
+            "damage": s.damage,
             "node": s.node,
         }
 

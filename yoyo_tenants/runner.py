@@ -75,6 +75,11 @@ class SchemaState:
     old_layout: bool = False  # it keeps yoyo's tables, which a run converts (see log.UPGRADE_SQL)
     log: Log = field(default_factory=lambda: Log([]))
     unreadable: str | None = None  # why its log could not be read (the others' could)
+    #: What in its log no run writes (a column missing or of another type, misnumbered rows,
+    #: an unknown operation, a rollback of what was not applied): the log is no evidence.
+    damage: tuple[str, ...] = ()
+    #: It has no log (in either layout) but holds tables.
+    unlogged_tables: bool = False
 
     @property
     def applied(self) -> list[AppliedMigration]:
@@ -85,13 +90,33 @@ class SchemaState:
         return {row.migration_hash for row in self.applied}
 
 
+#: Per schema: whether its log is in the current layout and records runs, whether it keeps
+#: yoyo's tables, whether it holds tables though it has no log (one pass over pg_class, made
+#: only if some schema has no log), and whether a column of its log is missing or of another
+#: type than log.LAYOUT (counted in the one pass over the log's columns that finds batch and run).
 CATALOG_SQL = """
-    SELECT n.nspname, b.attname IS NOT NULL, r.attname IS NOT NULL,
-        EXISTS (SELECT 1 FROM pg_class o WHERE o.relnamespace = n.oid AND o.relname = %(old)s)
+    SELECT n.nspname, a.batch, a.run,
+        EXISTS (SELECT 1 FROM pg_class o WHERE o.relnamespace = n.oid AND o.relname = %(old)s),
+        CASE WHEN c.oid IS NULL THEN
+            n.oid IN (SELECT relnamespace FROM pg_class WHERE relkind IN ('r', 'p')) END,
+        c.oid IS NOT NULL AND a.sound < cardinality(%(names)s::text[]) - (NOT a.run)::int
     FROM pg_namespace n
     LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(log)s
-    LEFT JOIN pg_attribute b ON b.attrelid = c.oid AND b.attname = %(batch)s AND NOT b.attisdropped
-    LEFT JOIN pg_attribute r ON r.attrelid = c.oid AND r.attname = %(run)s AND NOT r.attisdropped
+    LEFT JOIN LATERAL (
+        SELECT coalesce(bool_or(attname = %(batch)s), false) AS batch,
+            coalesce(bool_or(attname = %(run)s), false) AS run,
+            count(*) FILTER (WHERE (attname, atttypid, atttypmod) IN (SELECT * FROM unnest(
+                %(names)s::name[], %(types)s::regtype[]::oid[], %(typmods)s::int[]))) AS sound
+        FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped
+    ) a ON true
+    WHERE n.nspname = ANY(%(schemas)s)
+"""
+#: The columns of the logs found damaged, to say which are wrong.
+COLUMNS_SQL = """
+    SELECT n.nspname, a.attname, format_type(a.atttypid, a.atttypmod)
+    FROM pg_namespace n
+    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(log)s
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
     WHERE n.nspname = ANY(%(schemas)s)
 """
 
@@ -141,7 +166,11 @@ def _from_index(cursor, indexed, states, migrations: MigrationList) -> list[str]
         rows = None  # read each of them whole, and find the one at fault
     for representative, digest in representatives.items():
         found = Log.from_rows(rows.get(representative, ())) if rows is not None else None
-        if found is None or heads.digest_of(found.applied) != digest:
+        if (
+            found is None
+            or heads.digest_of(found.applied) != digest
+            or found.damage  # each of them is found out
+        ):
             unread += groups[digest]
             continue
         for schema in groups[digest]:
@@ -160,14 +189,21 @@ def _read_whole(cursor, schemas: Sequence[str], states) -> None:
             "log": log.TABLE,
             "batch": log.LAYOUT_COLUMN,
             "run": log.RUN_COLUMN,
+            **log.layout_params(),
             "schemas": list(schemas),
         },
     )
-    for name, ready, has_run, old in cursor.fetchall():
+    misshapen = []
+    for name, ready, has_run, old, tables, wrong in cursor.fetchall():
         state = states[name]
         state.exists, state.tables_ready, state.has_run = True, ready, has_run
         state.old_layout = old
-    ready = [schema for schema in schemas if states[schema].tables_ready]
+        state.unlogged_tables = bool(tables) and not old
+        if wrong and not old:  # (yoyo's own log has other columns: a run converts it)
+            misshapen.append(name)
+    if misshapen:
+        _say_which_columns(cursor, misshapen, states)
+    ready = [s for s in schemas if states[s].tables_ready and not states[s].damage]
     for start in range(0, len(ready), SCAN_CHUNK):
         chunk = ready[start : start + SCAN_CHUNK]
         try:
@@ -181,7 +217,25 @@ def _read_whole(cursor, schemas: Sequence[str], states) -> None:
                     states[schema].unreadable = error_text(exc)
         for schema in chunk:
             if states[schema].unreadable is None:
-                states[schema].log = Log.from_rows(rows.get(schema, ()))
+                states[schema].log = found = Log.from_rows(rows.get(schema, ()))
+                states[schema].damage = found.damage
+
+
+def _say_which_columns(cursor, schemas: Sequence[str], states) -> None:
+    """The damage of logs whose columns are not log.LAYOUT's: which are missing or wrong."""
+    cursor.execute(COLUMNS_SQL, {"log": log.TABLE, "schemas": list(schemas)})
+    found: dict[str, dict[str, str]] = {schema: {} for schema in schemas}
+    for schema, column, kind in cursor.fetchall():
+        found[schema][column] = kind
+    for schema in schemas:
+        columns, damage = found[schema], []
+        for column in log.LAYOUT:
+            expected = log.layout_type(column)
+            if column not in columns and column != log.RUN_COLUMN:
+                damage.append(f"its column {column} is missing")
+            elif column in columns and columns[column] != expected:
+                damage.append(f"its column {column} is {columns[column]}, not {expected}")
+        states[schema].damage = tuple(damage)
 
 
 def _read_logs(cursor, schemas: Sequence[str], states) -> dict[str, list[tuple]]:

@@ -19,7 +19,7 @@ from yoyo.migrations import Migration
 
 from . import heads, log
 from .db import connection_lost, failure_from, iso_dates
-from .errors import Failure, TenantsError
+from .errors import Failure, LogDamaged, TenantsError
 from .log import Log, migration_checksum
 from .messages import SEPARATOR, Part, Sender, SendFailed, policy_for
 from .results import ConnectionLost, RunOptions
@@ -67,9 +67,11 @@ class Session:
         "set_config('lock_timeout', {lock_timeout}, true), "
         "set_config('statement_timeout', {statement_timeout}, true)"
     )
-    #: When the caller knows the log (a scan, or the transaction before): it still ends there.
+    #: When the caller knows the log (a scan, or the transaction before): it still ends there,
+    #: with as many rows as its position says (no row deleted or repeated behind its back).
     EXPECT = sql.SQL(
-        "IF (SELECT coalesce(max(id), 0) FROM {log}) <> {position} THEN RAISE EXCEPTION "
+        "IF (SELECT coalesce(max(id), 0) <> {position} OR count(*) <> {position} FROM {log}) "
+        "THEN RAISE EXCEPTION "
         "USING ERRCODE = {code}, MESSAGE = 'log moved: ' || {schema} || ' is not as it was read'; "
         "END IF"
     )
@@ -173,6 +175,8 @@ class Session:
             self._send(log.rows_sql(self.schema, layout.has_run or create))
         self._flush()
         found = Log.from_rows(self.cursor.fetchall())
+        if found.damage:  # what no run writes: no evidence of what the schema holds
+            raise LogDamaged(self.schema, list(found.damage))
         self.base, self.start, self._indexed = found, found.position, False
         return found
 

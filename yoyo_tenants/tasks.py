@@ -394,11 +394,22 @@ def move_tenant(c, org_id, to):
     out.print(f"{org_id}: on {now}" + (f" (was on {was})" if was != now else " already"))
 
 
-@command(help={"archive": "the file deprovision-tenant --archive wrote"})
+@command(
+    help={
+        "archive": "the file deprovision-tenant --archive wrote",
+        "unrecorded": "restore an archive this database has no record of (made before records "
+        "were kept, or in another database); every other check still runs",
+        "trust_code": "trust the archive's code: restore an unrecorded archive's functions, and "
+        "run it as you where it cannot run under a role of its own",
+    }
+)
 @edge
-def restore_tenant(c, archive):
+def restore_tenant(c, archive, unrecorded=False, trust_code=False):
     """Bring back a tenant archived by deprovisioning: its schema, data and registry row."""
-    report.restored(out, provisioning.restore_tenant(_settings(), archive))
+    done = provisioning.restore_tenant(
+        _settings(), archive, unrecorded=unrecorded, trust_code=trust_code
+    )
+    report.restored(out, done)
 
 
 @command(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry
-from .errors import ConfigError, NotReady, UsageError
+from .errors import ConfigError, UsageError
 from .registry import Tenant
 from .results import SchemaResult
 from .runner import NOT_DONE, RunResult, stop_on_signals
@@ -166,12 +166,10 @@ class Rollout:
         ConfigError if a canary is not one of them: the run would start somewhere unplanned."""
         if self.canaries is None:
             return tenants
-        if isinstance(self.canaries, str):
-            try:
-                named = [t.schema for t in registry.list_tenants(cursor, self.canaries)]
-            except NotReady as exc:
-                checked = f"{TABLE} canary-tenants, a query checked as tenants-query is"
-                raise ConfigError(f"{checked}: {exc}") from None
+        if isinstance(self.canaries, str):  # read, not trusted: as tenants-query is
+            source = f"{TABLE} canary-tenants"
+            rows = registry.read_query(cursor, self.canaries, source)
+            named = [t.schema for t in registry.check_tenant_rows(rows, source)]
             key, what = (lambda t: t.schema), "its query returns schema"
         else:
             named, key, what = list(self.canaries), (lambda t: t.org_id), "it names"
