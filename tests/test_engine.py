@@ -25,8 +25,8 @@ from yoyo_tenants.db import connect
 from yoyo_tenants.engine import migrate_schema
 from yoyo_tenants.loading import load_migrations
 from yoyo_tenants.plan import ApplyPlan
+from yoyo_tenants.pool import scan
 from yoyo_tenants.results import RunOptions, SchemaResult
-from yoyo_tenants.runner import scan
 
 from .conftest import (
     ADD_NICKNAME,

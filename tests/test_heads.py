@@ -9,7 +9,7 @@ import pytest
 from psycopg2 import sql
 
 from yoyo_tenants import commands as commands_module
-from yoyo_tenants import heads, migrate_master, migrate_tenants, provision_tenant, verify
+from yoyo_tenants import logindex, migrate_master, migrate_tenants, provision_tenant, verify
 
 from .conftest import (
     ADD_NICKNAME,
@@ -74,7 +74,7 @@ def test_tenants_behind_alike_are_planned_from_one_log(fleet):
 
 def test_without_the_index_every_log_is_read(fleet, monkeypatch):
     settings, log, tenants = fleet
-    monkeypatch.setattr(heads, "exists", lambda cursor: False)
+    monkeypatch.setattr(logindex, "exists", lambda cursor: False)
     log.mark()
 
     migrate_tenants(settings)

@@ -665,9 +665,10 @@ def test_a_python_migration_that_raises_fails_its_tenant_alone(project, transact
 
 def test_a_connection_left_inside_a_transaction_is_not_given_to_the_next_schema(project):
     """Whatever went wrong in a schema's work, the next schema never inherits its session."""
+    from yoyo_tenants.runner import run_schemas
+
     from yoyo_tenants.errors import TenantsError
     from yoyo_tenants.results import SchemaResult
-    from yoyo_tenants.runner import run_schemas
 
     seen = []
 
@@ -691,8 +692,9 @@ def test_a_connection_left_inside_a_transaction_is_not_given_to_the_next_schema(
 def test_a_worker_connection_is_replaced_after_so_many_schemas(project):
     """A server backend keeps the catalog of every schema it touched: a worker gets a new
     connection after RECONNECT_EVERY schemas (here 3), so none grows without bound."""
-    from yoyo_tenants.results import SchemaResult
     from yoyo_tenants.runner import run_schemas
+
+    from yoyo_tenants.results import SchemaResult
 
     pids = []
 

@@ -23,7 +23,7 @@ import pytest
 from psycopg2 import sql
 from rich.console import Console
 
-from yoyo_tenants import TenantsError, commands, registry, report, runner, schema_for
+from yoyo_tenants import TenantsError, commands, pool, registry, report, schema_for
 from yoyo_tenants.registry import Tenant
 
 from .conftest import (
@@ -69,7 +69,7 @@ class Scale:
                 registry.register(cursor, tenant)
         return tenants
 
-    def migrate(self, **kwargs) -> runner.RunResult:
+    def migrate(self, **kwargs) -> pool.RunResult:
         return commands.migrate_tenants(self.settings, **kwargs)
 
     def snapshot(self, schemas) -> dict[str, tuple[list[str], set[str]]]:
@@ -179,7 +179,7 @@ def advisory_locks(params) -> int:
     )[0][0]
 
 
-def by_schema(run: runner.RunResult) -> dict[str, runner.SchemaResult]:
+def by_schema(run: pool.RunResult) -> dict[str, pool.SchemaResult]:
     return {r.schema: r for r in run.schemas}
 
 
@@ -652,7 +652,7 @@ def test_status_over_fifty_tenants_in_mixed_states_is_right_and_takes_a_constant
 
     def counting_scan(cursor, schemas, migrations=None):
         before = len(statements)
-        states = runner.scan(cursor, schemas, migrations)
+        states = pool.scan(cursor, schemas, migrations)
         scans.append((len(schemas), len(statements) - before))
         return states
 
@@ -688,12 +688,12 @@ def test_scan_reads_many_schemas_in_one_query_per_chunk(scale, monkeypatch):
     scale.migration(1)
     tenants = scale.register(25)
     assert scale.migrate(jobs=2).ok
-    monkeypatch.setattr(runner, "SCAN_CHUNK", 10)
+    monkeypatch.setattr(pool, "SCAN_CHUNK", 10)
     statements: list = []
     connection = psycopg2.connect(**scale.params)
     try:
         cursor = CountingCursor(connection.cursor(), statements)
-        states = runner.scan(cursor, [t.schema for t in tenants] + ["tid_0000000000"])
+        states = pool.scan(cursor, [t.schema for t in tenants] + ["tid_0000000000"])
     finally:
         connection.close()
 
@@ -710,13 +710,13 @@ def test_a_run_connects_workers_only_for_the_tenants_that_are_behind(scale, monk
     tenants = scale.register(20)
     assert scale.migrate(jobs=4).ok
     opened = []
-    real_connect = runner.connect
+    real_connect = pool.connect
 
     def counting_connect(params):
         opened.append(params)
         return real_connect(params)
 
-    monkeypatch.setattr(runner, "connect", counting_connect)
+    monkeypatch.setattr(pool, "connect", counting_connect)
 
     run = scale.migrate(jobs=4)
 

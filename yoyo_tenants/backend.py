@@ -38,9 +38,9 @@ from .loading import SqlMigration
 from .log import Log
 from .plan import drift
 from .results import RunOptions, SchemaResult
-from .scripts import is_transaction_control
 from .server import prepare_run
 from .session import MessageFailed, Session, lock_key
+from .sqlfiles import is_transaction_control
 
 MAX_IDENTIFIER_BYTES = 63
 NO_SCHEMA = (

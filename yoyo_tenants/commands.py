@@ -19,7 +19,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 from yoyo.migrations import MigrationList
 
-from . import citus, heads, log, registry, runs, scaffold
+from . import citus, log, logindex, registry, runs, scaffold
 from .db import connect, server_params
 from .engine import mark_schema, migrate_schema
 from .errors import LogDamaged, TenantsError, UsageError
@@ -36,12 +36,12 @@ from .plan import (
     drifted,
     migration_sql,
 )
+from .pool import RunResult, SchemaState, run_schemas, scan
 from .registry import Tenant
 from .results import Command, Direction, RunOptions, SchemaResult
-from .runner import RunResult, SchemaState, run_schemas, scan
-from .scripts import drops_table
 from .server import prepare_run
 from .settings import Settings
+from .sqlfiles import drops_table
 from .waves import OnWave, Rollout
 
 #: Tenants migrated at once unless --jobs says otherwise.
@@ -569,7 +569,7 @@ def verify(settings: Settings) -> list[str]:
 
     Drift in public or any tenant, logs that cannot be read or are damaged (see log_damage),
     registered tenants without a schema, and ``tid_`` schemas that no tenant is registered for,
-    all read from the logs themselves. The heads index is rebuilt from them (see heads.py); a
+    all read from the logs themselves. The heads index is rebuilt from them (see logindex.py); a
     row that disagreed with its log is a problem too. An empty list means all is well.
     """
     connection = connect(server_params(settings))
@@ -598,7 +598,7 @@ def verify(settings: Settings) -> list[str]:
         problems += [
             f"{schema}: the heads index did not match its log (the log was changed by "
             "something other than yoyo-tenants); rebuilt from the log"
-            for schema in heads.rebuild(cursor, states)
+            for schema in logindex.rebuild(cursor, states)
         ]
         if settings.tenants_query is not None:
             return problems  # which schemas are tenants is the query's to say, not a prefix

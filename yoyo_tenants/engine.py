@@ -20,7 +20,7 @@ that adds an enum value (PostgreSQL hides the value from the rest of the transac
 it) the transaction commits with that migration's log row, and the next migration starts a new
 one; a non-transactional migration runs between two. Whatever a migration leaves on the session
 (a temp table, a prepared statement) stays for that schema's later migrations; before the
-connection serves another schema, the runner cleans its whole session (db.clean_session).
+connection serves another schema, the pool (pool.py) cleans its whole session (db.clean_session).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import log
-from .alone import run_alone
 from .errors import Failure, LockBusy, TenantsError
 from .log import Log
+from .nontransactional import run_alone
 from .results import RunOptions, SchemaResult
 from .session import (
     LOCK_NOT_AVAILABLE,

@@ -80,7 +80,7 @@ class WouldEmpty(TenantsError):
 
 
 class UnsafeMigration(TenantsError):
-    """A migration file holds a statement that may not run where it would (see scripts.py).
+    """A migration file holds a statement that may not run where it would (see sqlfiles.py).
 
     Nothing has been written when this is raised: files are checked before any schema is
     touched.

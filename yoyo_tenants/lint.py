@@ -28,10 +28,10 @@ from . import registry
 from .db import connect, server_params
 from .errors import ConfigError, LintFailed, LintUnavailable, UsageError, _shown
 from .loading import SqlMigration, load_migrations
+from .pool import scan
 from .registry import Tenant
-from .runner import scan
-from .scripts import Script
 from .settings import Settings
+from .sqlfiles import Script
 
 #: squawk rules the tool satisfies on its own: every migration runs under the lock and
 #: statement timeouts the run sets (RunOptions), so a file need not set them.

@@ -12,7 +12,7 @@ from yoyo.migrations import Migration, MigrationList, read_migrations
 
 from .errors import NotReady
 from .log import migration_checksum
-from .scripts import Script, read_script
+from .sqlfiles import Script, read_script
 
 #: Migration folders already read: (path, public) -> (what its files were, what they said).
 _loaded: dict[tuple[Path, bool], tuple[tuple, MigrationList]] = {}
@@ -22,7 +22,7 @@ RACY_NS = 2_000_000_000
 
 
 class SqlMigration(Migration):
-    """A .sql migration (and its .rollback.sql), read and checked by scripts.read_script.
+    """A .sql migration (and its .rollback.sql), read and checked by sqlfiles.read_script.
 
     yoyo splits SQL files with sqlparse (4.6 GB of memory for a 4 MB file of INSERTs) and has no
     notion of a statement that may not run; this reads them once with the server's own grammar.
@@ -59,7 +59,7 @@ class SqlMigration(Migration):
 def load_migrations(directory: Path, public: bool = False) -> MigrationList:
     """Read, parse and check every migration in `directory`, once for all the schemas of a run.
 
-    `public`: the folder migrates the public schema (see scripts.read_script). Kept while the
+    `public`: the folder migrates the public schema (see sqlfiles.read_script). Kept while the
     folder's files stay as they are, so a program that provisions tenants as organizations sign
     up parses them once, not at every signup. UnsafeMigration if any file may not run.
     """

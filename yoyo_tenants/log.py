@@ -284,7 +284,7 @@ class Log:
 
     applied: list[AppliedMigration]
     position: int = 0
-    #: Its last batch, when known without its rows (from the heads index: see heads.py).
+    #: Its last batch, when known without its rows (from the heads index: see logindex.py).
     batch: int | None = None
     #: What in its rows no run writes (see from_rows): such a log is no evidence.
     damage: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ import psycopg2
 from psycopg2.extensions import cursor as Cursor
 from yoyo.migrations import Migration
 
-from .scripts import Script
+from .sqlfiles import Script
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from psycopg2 import errorcodes
 
-from . import archives, heads, log, registry
+from . import archives, log, logindex, registry
 from .archives import dump_schema
 from .db import connect, server_params
 from .engine import migrate_schema
@@ -17,10 +17,10 @@ from .lint import refuse_unclean
 from .loading import load_migrations
 from .log import Log
 from .plan import ApplyPlan, Drift, drift, migration_sql
+from .pool import scan
 from .registry import Tenant
 from .restore import Restored, restore_tenant  # noqa: F401 (the API's names)
 from .results import RunOptions, SchemaResult
-from .runner import scan
 from .server import prepare_run, read_server
 from .session import MessageFailed, Session
 from .settings import Settings
@@ -102,7 +102,7 @@ def _check_fleet(connection, migrations) -> None:
     """Drift (an applied migration's file changed or gone) in the tenant furthest along, which
     has applied the most of the files a new tenant would get."""
     cursor = connection.cursor()
-    cursor.execute(heads.FURTHEST_SQL)
+    cursor.execute(logindex.FURTHEST_SQL)
     found = cursor.fetchone()
     if found is None:
         return
@@ -155,8 +155,8 @@ def _unregister(connection, tenant: Tenant, options, also=()) -> None:
     transaction."""
     session = Session(connection, tenant.schema, options)
     prelude = [*registry.unregister_sql(tenant), *also]
-    if heads.exists(connection.cursor()):
-        prelude.append(heads.forget_sql(tenant.schema))
+    if logindex.exists(connection.cursor()):
+        prelude.append(logindex.forget_sql(tenant.schema))
     session.begin(prelude)
     try:
         session.commit()

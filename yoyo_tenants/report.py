@@ -29,9 +29,9 @@ from rich.table import Table
 from .commands import SchemaStatus, Standing, Status
 from .errors import few
 from .lint import Report as LintReport
+from .pool import RunResult
 from .provisioning import Deprovisioned, Provisioned, Restored
 from .results import Outcome, SchemaResult
-from .runner import RunResult
 from .waves import Wave
 
 #: Seconds between progress lines when stdout is not a terminal.

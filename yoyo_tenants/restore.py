@@ -42,9 +42,9 @@ from .archives import (
 )
 from .db import connect, server_params
 from .errors import ConnectionFailed, NotReady, SchemaCollision, TenantsError, UsageError
+from .pool import scan
 from .registry import Tenant
 from .results import RunOptions
-from .runner import scan
 from .session import MessageFailed, Session
 from .settings import Settings
 

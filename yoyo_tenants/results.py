@@ -67,7 +67,7 @@ class RunOptions:
     citus: bool = False
     #: The run the log rows name (see runs.py); None for provisioning.
     run: int | None = None
-    #: Keep public.yoyo_tenants_heads up to date with each log written (see heads.py).
+    #: Keep public.yoyo_tenants_heads up to date with each log written (see logindex.py).
     heads: bool = False
     #: Drop invalid indexes (left by an interrupted CREATE INDEX CONCURRENTLY) before running a
     #: non-transactional migration, which rebuilds them.

@@ -10,7 +10,7 @@ from psycopg2 import errors, sql
 from psycopg2.extensions import connection as Connection
 from yoyo.migrations import MigrationList
 
-from . import heads
+from . import logindex
 from .errors import NotReady
 from .results import RunOptions
 
@@ -47,8 +47,8 @@ def read_server(connection: Connection, fleet: MigrationList | None = None) -> S
     if fleet is not None:
         query = FLEET_STATE_SQL.format(
             table=sql.Literal("public.yoyo_tenants_heads"),
-            heads=heads.TABLE,
-            head=sql.Literal(heads.head_digest(fleet)),
+            heads=logindex.TABLE,
+            head=sql.Literal(logindex.head_digest(fleet)),
         )
         try:
             cursor.execute(query)
@@ -84,6 +84,6 @@ def prepare_run(
         )
     indexed = state.indexed
     if write and not indexed:
-        indexed = heads.ensure(connection.cursor())
+        indexed = logindex.ensure(connection.cursor())
     per_message = state.citus if citus == "auto" else citus == "on"
     return replace(options, citus=per_message, heads=write and indexed)

@@ -17,13 +17,13 @@ from psycopg2 import errorcodes, sql
 from psycopg2.extensions import connection as Connection
 from yoyo.migrations import Migration
 
-from . import heads, log
+from . import log, logindex
 from .db import connection_lost, failure_from, iso_dates
 from .errors import Failure, LogDamaged, TenantsError
 from .log import Log, migration_checksum
 from .messages import SEPARATOR, Part, Sender, SendFailed, policy_for
 from .results import ConnectionLost, RunOptions
-from .scripts import Script
+from .sqlfiles import Script
 from .steps import Steps
 
 #: The tool's own checks fail with SQLSTATEs of their own (class YT), so that a caller tells
@@ -189,7 +189,7 @@ class Session:
         after = self.base.after(self.ran, self._batch)
         after.position = self.start + len(self.ran)
         if self.options.heads and (self.ran or not self._indexed):
-            self._send(heads.upsert_sql(self.schema, after))
+            self._send(logindex.upsert_sql(self.schema, after))
         self._send(self.COMMIT)
         self._flush()
         self.open = False

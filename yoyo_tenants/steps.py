@@ -2,7 +2,7 @@
 
 yoyo hands a step's SQL to `backend.cursor()` and a step's function `backend.connection`. Here
 both are the session's connection, with every statement their cursors run checked as a migration
-file is (scripts.check_sql), so that a `COMMIT` in Python ends no schema's transaction half-way;
+file is (sqlfiles.check_sql), so that a `COMMIT` in Python ends no schema's transaction half-way;
 results of a step's SQL are not printed (yoyo prints them to stdout); yoyo's nested transactions
 are savepoints inside the migration's own.
 """
@@ -16,7 +16,7 @@ from functools import cache
 import psycopg2
 from psycopg2 import extensions, sql
 
-from .scripts import check_sql
+from .sqlfiles import check_sql
 
 #: Savepoints of a Python migration's step groups, numbered within it.
 STEP_SAVEPOINT = "yoyo_tenants_step_{}"
@@ -39,7 +39,7 @@ class Steps:
     @property
     def needs_commit(self) -> bool:
         """Whether the steps ran SQL whose effect stays hidden until it commits (see
-        scripts.Script.needs_commit)."""
+        sqlfiles.Script.needs_commit)."""
         return self.connection.needs_commit
 
     @contextmanager

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from . import registry
 from .errors import ConfigError, UsageError
+from .pool import NOT_DONE, RunResult, stop_on_signals
 from .registry import Tenant
 from .results import SchemaResult
-from .runner import NOT_DONE, RunResult, stop_on_signals
 from .settings import Settings
 
 #: What a --wave-check command is told: the wave's number, its tenants' org ids and schemas

@@ -139,7 +139,7 @@ def old_layouts(cursor, schemas: Sequence[str]) -> set[str]:
 
 
 def rebuild(cursor, states) -> list[str]:
-    """Make the index say what the logs in `states` (schema -> runner.SchemaState, read whole)
+    """Make the index say what the logs in `states` (schema -> pool.SchemaState, read whole)
     say; the schemas whose row said otherwise (a missing row is added, not counted). A damaged
     log's row is made to name no table, so that runs read that log whole (and refuse it)."""
     if not ensure(cursor):

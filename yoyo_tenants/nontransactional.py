@@ -16,12 +16,12 @@ from yoyo.migrations import Migration
 from . import log
 from .db import failure_from, iso_dates
 from .errors import Failure, NotReady
-from .scripts import Script
 from .session import MessageFailed, Session, raised, script_for, step_direction
+from .sqlfiles import Script
 from .steps import Steps
 
 #: The settings such a migration runs with are the session's, given back after it. (Between
-#: schemas the runner cleans the whole session: see db.clean_session.)
+#: schemas the pool cleans the whole session: see db.clean_session.)
 RESET_SQL = "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL"
 INVALID_INDEXES_SQL = (
     "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "

@@ -17,7 +17,7 @@ from psycopg2 import sql
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE as IDLE
 from yoyo.migrations import MigrationList
 
-from . import heads, log
+from . import log, logindex
 from .db import clean_session, connect, connection_lost, error_text
 from .errors import ConnectionFailed, TenantsError
 from .log import AppliedMigration, Log, migration_checksum
@@ -126,7 +126,7 @@ def scan(
 ) -> dict[str, SchemaState]:
     """Read the migration logs of many schemas in a few queries.
 
-    Given `migrations`, schemas the heads index describes (see heads.py) are judged from it: at
+    Given `migrations`, schemas the heads index describes (see logindex.py) are judged from it: at
     head, or grouped by what they have applied, one log read per group. Every other schema's
     log is read whole, SCAN_CHUNK schemas a query; a log that cannot be read (a damaged table, a
     privilege missing) fails its chunk, which is then read one schema at a time, and only the
@@ -134,9 +134,9 @@ def scan(
     """
     states = {schema: SchemaState() for schema in schemas}
     indexed: dict[str, tuple[int, str, int | None]] = {}
-    if migrations is not None and heads.exists(cursor):
-        indexed = heads.read(cursor, schemas)
-        for schema in heads.old_layouts(cursor, list(indexed)):
+    if migrations is not None and logindex.exists(cursor):
+        indexed = logindex.read(cursor, schemas)
+        for schema in logindex.old_layouts(cursor, list(indexed)):
             del indexed[schema]  # plain yoyo has been at it since: read it whole
     unread = _from_index(cursor, indexed, states, migrations) if indexed else []
     _read_whole(cursor, [s for s in schemas if s not in indexed or s in unread], states)
@@ -146,7 +146,7 @@ def scan(
 def _from_index(cursor, indexed, states, migrations: MigrationList) -> list[str]:
     """States of the indexed schemas, from the index and one log per distinct digest; returns
     the schemas to read whole after all (their group's log disagreed with the index)."""
-    at_head = heads.head_digest(migrations)
+    at_head = logindex.head_digest(migrations)
     head_rows = [AppliedMigration(m.id, None, None, migration_checksum(m)) for m in migrations]
     groups: dict[str, list[str]] = {}
     for schema, (position, applied, batch) in indexed.items():
@@ -168,7 +168,7 @@ def _from_index(cursor, indexed, states, migrations: MigrationList) -> list[str]
         found = Log.from_rows(rows.get(representative, ())) if rows is not None else None
         if (
             found is None
-            or heads.digest_of(found.applied) != digest
+            or logindex.digest_of(found.applied) != digest
             or found.damage  # each of them is found out
         ):
             unread += groups[digest]
