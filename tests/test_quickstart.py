@@ -1,4 +1,5 @@
-"""The README's quick start, as a new user types it, on the embedded database."""
+"""The quick start and first tour (README.md, docs/index.md), as a new user types them, on the
+embedded database."""
 
 import os
 import shutil

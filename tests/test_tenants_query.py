@@ -136,7 +136,7 @@ def test_the_query_leaves_nothing_set_on_the_connection_that_reads_with_it(accou
 
 
 def test_a_registry_row_naming_public_is_refused_too(accounts, database):
-    # A registry with only the columns the README asks for: no check on its schema names.
+    # A registry with only the columns the docs ask for: no check on its schema names.
     query(database, "ALTER TABLE public.tenants DROP CONSTRAINT tenants_schema_name_check")
     query(database, "INSERT INTO public.tenants (clerk_org_id, schema_name) "
           "VALUES ('org_evil1', 'public')")  # fmt: skip

@@ -27,7 +27,8 @@ ORG = "org_2wheel7test"
 NOT_COPIED = shutil.ignore_patterns(".git", ".yoyo-tenants", "*.egg-info", "build", "dist",
                                     "__pycache__", ".*_cache", ".hypothesis", ".env")  # fmt: skip
 
-#: The registry yoyo-tenants provisions into, with only the columns the README says it needs.
+#: The registry yoyo-tenants provisions into, with only the columns the docs say it needs
+#: (docs/using-in-your-app.md).
 REGISTRY = """\
 CREATE TABLE public.tenants (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -4,7 +4,7 @@ transaction block, so neither can a transaction-level lock or search path.
 Such a migration runs outside any transaction, each statement in a message of its own, with the
 schema's search path, timeouts and advisory lock held on the session meanwhile and given back
 after; then it is logged in a transaction of its own. (Behind a transaction-pooling PgBouncer,
-session state is not safe: see the README.)
+session state is not safe: see docs/production-safety.md.)
 """
 
 from __future__ import annotations
