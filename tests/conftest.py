@@ -213,6 +213,18 @@ def user_env(params=None, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_program(cwd, *args: str, env: dict[str, str], timeout: float = 120):
+    """`yoyo-tenants ARGS` (as `python -m yoyo_tenants`) in `cwd`, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "yoyo_tenants", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_invoke(cwd, *args: str, env: dict[str, str], timeout: float = 120):
     """`invoke ARGS` in `cwd`, its output captured (not a terminal)."""
     return subprocess.run(

@@ -15,7 +15,7 @@ from invoke import Program
 from yoyo_tenants import commands
 from yoyo_tenants.tasks import ns
 
-from .conftest import REPO, applied_ids, copy_migrations, run_invoke, user_env
+from .conftest import REPO, applied_ids, copy_migrations, run_invoke, run_program, user_env
 from .test_output import register
 from .test_scale import Scale
 
@@ -118,8 +118,8 @@ def test_invoke_help_shows_the_numbers_and_the_short_flags(folder):
     ],
     ids=" ".join,
 )
-def test_a_command_line_invoke_cannot_parse_exits_2_with_one_error_line(folder, args):
-    done = cli(folder, *args)
+def test_a_command_line_the_program_cannot_parse_exits_2_with_one_error_line(folder, args):
+    done = run_program(folder, *args, env=user_env(), timeout=60)
 
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout == ""
@@ -129,6 +129,18 @@ def test_a_command_line_invoke_cannot_parse_exits_2_with_one_error_line(folder, 
         assert "'org_id'" in lines[0]
     if args[-1] == "--jobs":
         assert lines[0] == "error: Flag --jobs needed value and was not given one!"
+
+
+@pytest.mark.parametrize(
+    "args", [("provision-tenant",), ("migrate-tenants", "--nope")], ids=" ".join
+)
+def test_invoke_itself_prints_its_parser_s_one_line_and_exits_1(folder, args):
+    # invoke's own program, which the package leaves as it is: its message, its exit code.
+    done = cli(folder, *args)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 @pytest.fixture

@@ -76,6 +76,8 @@ def test_the_wheel_installs_into_a_fresh_virtualenv_and_runs_another_project(tmp
         f"yoyo-tenants {version}\n"
     )
     assert invoke("version").stdout == f"yoyo-tenants {version}\n"
+    program = run(venv / "bin" / "yoyo-tenants", "--version", cwd=project, env=env)
+    assert program.stdout == f"yoyo-tenants {version}\n"
     schema = schema_for(ORG)
     try:
         invoke("migrate-master")

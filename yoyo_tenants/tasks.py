@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 
 import psycopg2
-from invoke import Collection, Task, task
+from invoke import Collection, Program, Task, task
 from invoke.exceptions import Exit, ParseError
 from invoke.parser import Argument
-from invoke.parser.parser import ParseMachine
 from rich.console import Console
 
 from . import commands, embedded, inspection, provisioning, registry, report
@@ -128,28 +127,6 @@ def _option(arg: Argument) -> _Option:
 
 #: @task for this project's tasks (see Command).
 command = functools.partial(task, klass=Command)
-
-
-class BadCommandLine(ParseError, Exit):
-    """A command line invoke's parser cannot read: a missing argument, an unknown flag.
-
-    invoke's Program prints a ParseError as it is and exits 1, and has no hook for it; raised
-    as one that is also an Exit, it is printed (once, as a ParseError) as one `error:` line and
-    exits 2, like every other bad input. Still a ParseError for invoke's tab completion, which
-    catches those."""
-
-    def __init__(self, message: str, context=None):
-        Exit.__init__(self, code=2)  # no message of its own: Program prints the ParseError
-        Exception.__init__(self, f"error: {message}")
-        self.context = context
-
-
-def _bad_command_line(machine: ParseMachine, message: str):
-    raise BadCommandLine(message, machine.context)
-
-
-# Where invoke's parser reports every error in a task's command line (parser.py: error()).
-ParseMachine.error = _bad_command_line
 
 
 def edge(function):
@@ -548,3 +525,36 @@ def version(c):
 
 
 ns.add_task(version)
+
+
+class TenantsProgram(Program):
+    """The tasks as a program of their own (`yoyo-tenants`, `python -m yoyo_tenants`).
+
+    A command line its parser cannot read (a missing argument, an unknown flag) is one `error:`
+    line and exit 2, like every other bad input; invoke's own program prints the parser's
+    message and exits 1."""
+
+    def parse_core(self, argv: list[str] | None) -> None:
+        try:
+            super().parse_core(argv)
+        except ParseError as exc:
+            raise Exit(f"error: {exc}", code=2) from None
+
+    def parse_tasks(self) -> None:
+        try:
+            super().parse_tasks()
+        except ParseError as exc:
+            raise Exit(f"error: {exc}", code=2) from None
+
+
+def _program() -> TenantsProgram:
+    from . import __version__
+
+    return TenantsProgram(
+        namespace=ns, name="yoyo-tenants", binary="yoyo-tenants", version=__version__
+    )
+
+
+def main() -> None:
+    """The `yoyo-tenants` command."""
+    _program().run()
