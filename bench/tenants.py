@@ -79,12 +79,14 @@ reported as failed, with its error, and the bench goes on to the next one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -219,6 +221,16 @@ def targets(n: int, reference: int = PROVISION_REFERENCE) -> dict[str, Target]:
     beside = (
         {"vs_reference": PROVISION_NOISE, "reference_tenants": reference} if n > reference else {}
     )
+    if n > 10_000:  # "One hundred thousand tenants"
+        return {
+            "fresh": Target(1.3, "lower_bound", memory_mb=300.0),
+            "incremental": Target(3.0, "with_log", memory_mb=300.0),
+            "no-op": Target(seconds=2.0, memory_mb=300.0),
+            "status": Target(seconds=2.5, memory_mb=300.0),
+            "verify": Target(1.3, "lower_bound", memory_mb=300.0),
+            "rollback": Target(memory_mb=300.0),
+            "provision": Target(memory_mb=300.0, **beside),
+        }
     return {
         "fresh": Target(1.3, "lower_bound"),
         "incremental": Target(1.3, "with_log"),
@@ -476,6 +488,74 @@ class Admin:
         self.connection.close()
 
 
+class BackendMemory:
+    """The private memory (RssAnon in /proc/PID/status) of the backends serving one database,
+    sampled while a run goes on: each backend's first and last sample and the largest. The
+    server runs on this machine (embedded), so its backends' /proc is readable."""
+
+    INTERVAL_S = 0.2
+
+    def __init__(self, server: dict[str, str], database: str):
+        self.server = server
+        self.database = database
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> BackendMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        admin = Admin(self.server)
+        try:
+            while True:
+                pids = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+                    "AND backend_type = 'client backend'",
+                    (self.database,),
+                )
+                for (pid,) in pids:
+                    kb = rss_anon_kb(pid)
+                    if kb is not None:
+                        self.first.setdefault(pid, kb)
+                        self.last[pid] = kb
+                        self.peak[pid] = max(kb, self.peak.get(pid, 0))
+                if self._stop.wait(self.INTERVAL_S):
+                    return
+        finally:
+            admin.close()
+
+    def as_json(self) -> dict:
+        def top(found: dict[int, int]) -> float | None:
+            return round(max(found.values()) / 1024, 1) if found else None
+
+        return {
+            "backends_seen": len(self.peak),
+            "largest_at_start_mb": top(self.first),
+            "largest_at_end_mb": top(self.last),
+            "largest_ever_mb": top(self.peak),
+        }
+
+
+def rss_anon_kb(pid: int) -> int | None:
+    """A process's private resident memory, in kB (None if it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def ident(name: str) -> str:
     """A quoted identifier (the bench's schema names are all [a-z0-9_])."""
     assert SAFE_NAME.fullmatch(name), name
@@ -678,6 +758,13 @@ class Bench:
         self.targets = targets(self.n, args.provision_reference)
         #: Lower-bound databases are made only when a selected scenario measures in them.
         self.with_bounds = any(name in WITH_OWN_BOUNDS for name in args.scenarios)
+        #: The sides each round has: the tool's and the --sides lower bounds.
+        self.sides = {side: short for side, short in SIDES.items() if side in args.sides}
+        #: fresh and incremental: the tool's worker backends' private memory as it ran.
+        self.backend_memory: dict[str, dict] = {}
+        #: --operations: what the operations around the tool took at N.
+        self.operations: dict[str, dict] = {}
+        self.catalog_mb: float | None = None
         self.server_params = server_params
         self.server = Admin(server_params)
         self.server_log = server_log
@@ -763,7 +850,7 @@ class Bench:
             database.admin.close()
             self.server.execute(f"DROP DATABASE {ident(database.name)}")
         self.round += 1
-        sides = SIDES if self.with_bounds else {"tool": "tool"}
+        sides = self.sides if self.with_bounds else {"tool": "tool"}
         self.side_db = {}
         for side, short in sides.items():
             name = f"round{self.round}_{short}"
@@ -806,7 +893,8 @@ class Bench:
                 ("per_statement", one_round_trip(texts)),
                 ("with_log", with_log(texts, [p.stem for p in files], True)),
             ):
-                run_pool(self.side_db[side].params, self.jobs, self.schemas, work)
+                if side in self.side_db:
+                    run_pool(self.side_db[side].params, self.jobs, self.schemas, work)
         self.tool_here("migrate_tenants", self.n)
         self.at_head = True
 
@@ -830,7 +918,8 @@ class Bench:
                 ("per_statement", one_round_trip([text])),
                 ("with_log", with_log([text], [path.stem], False)),
             ):
-                run_pool(self.side_db[side].params, self.jobs, self.schemas, work)
+                if side in self.side_db:
+                    run_pool(self.side_db[side].params, self.jobs, self.schemas, work)
         self.tool_here("migrate_tenants", self.n)
         self.last_deploy = path
 
@@ -858,19 +947,38 @@ class Bench:
         action()
         return time.perf_counter() - started
 
-    def pool(self, side: str, work) -> Callable[[], float]:
-        database = self.side_db[side]
+    def pool(self, side: str, work) -> Callable[[], float] | None:
+        """A measured run of `side`'s raw SQL, or None if --sides leaves that side out."""
+        database = self.side_db.get(side)
+        if database is None:
+            return None
         return lambda: self.timed(lambda: run_pool(database.params, self.jobs, self.schemas, work))
 
     def tool_call(
-        self, tool: ToolProcess, command: str, database: Database, expect_done: int, **args
+        self,
+        tool: ToolProcess,
+        command: str,
+        database: Database,
+        expect_done: int,
+        memory: str | None = None,
+        **args,
     ) -> Callable[[], float]:
-        """A measured call in the tool's process: the seconds it took there."""
+        """A measured call in the tool's process: the seconds it took there. With `memory`, the
+        worker backends' memory is sampled as it runs and kept under that name (the run with
+        the largest peak, when there are several)."""
 
         def action() -> float:
-            reply = tool.call(command, dbname=database.name, jobs=self.jobs, **args)
+            sampled = BackendMemory(self.server_params, database.name) if memory else None
+            with sampled or contextlib.nullcontext():
+                reply = tool.call(command, dbname=database.name, jobs=self.jobs, **args)
             if not reply["ok"] or reply["done"] != expect_done:
                 raise SystemExit(f"{command}: {reply['done']} done, failed: {reply['failed']}")
+            if sampled:
+                found = sampled.as_json()
+                kept = self.backend_memory.get(memory)
+                if kept is None or (found["largest_ever_mb"] or 0) > (kept["largest_ever_mb"] or 0):
+                    self.backend_memory[memory] = found
+                log(f"  {memory} worker backends, RssAnon MB: {found}")
             return reply["seconds"]
 
         return action
@@ -878,12 +986,13 @@ class Bench:
     def interleaved(
         self,
         scenario: Scenario,
-        runs: dict[str, Callable[[], float]],
+        runs: dict[str, Callable[[], float] | None],
         rep: int,
         where: dict[str, Database] | None = None,
     ) -> None:
         """Run each side once, in an order that alternates between repetitions, each after
         settling the database it runs in."""
+        runs = {side: run for side, run in runs.items() if run is not None}
         order = list(runs) if rep % 2 == 0 else list(reversed(runs))
         for side in order:
             started = time.perf_counter()
@@ -911,7 +1020,7 @@ class Bench:
                     "with_log": self.pool(
                         "with_log", with_log(texts, [p.stem for p in files], True)
                     ),
-                    "tool": self.tool_call(tool, "migrate_tenants", self.tool, self.n),
+                    "tool": self.tool_call(tool, "migrate_tenants", self.tool, self.n, "fresh"),
                 }
                 self.interleaved(scenario, runs, rep)
         scenario.start_mb, scenario.peak_mb = tool.start_mb, tool.peak_mb
@@ -921,7 +1030,18 @@ class Bench:
             side: round(self.server.value("SELECT pg_database_size(%s)", (db.name,)) / 2**20, 1)
             for side, db in self.side_db.items()
         }
-        log(f"  databases after fresh, MB: {self.database_mb}")
+        self.catalog_mb = round(
+            self.tool.admin.value(
+                "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'pg_catalog' AND c.relkind IN ('r', 'm')"
+            )
+            / 2**20,
+            1,
+        )
+        log(f"  databases after fresh, MB: {self.database_mb}; catalogs {self.catalog_mb}")
+        # Right after fresh, before anything vacuums or analyzes: what a team sees first.
+        self.operations["status_right_after_fresh"] = self.invoke_once(["status"])
         return scenario
 
     def incremental(self) -> Scenario:
@@ -937,7 +1057,9 @@ class Bench:
                         "per_statement", per_statement(statements_of([path]))
                     ),
                     "with_log": self.pool("with_log", with_log([text], [path.stem], False)),
-                    "tool": self.tool_call(tool, "migrate_tenants", self.tool, self.n),
+                    "tool": self.tool_call(
+                        tool, "migrate_tenants", self.tool, self.n, "incremental"
+                    ),
                 }
                 self.interleaved(scenario, runs, rep)
                 self.last_deploy = path
@@ -974,12 +1096,8 @@ class Bench:
         scenario.start_mb, scenario.peak_mb = tool.start_mb, tool.peak_mb
         return scenario
 
-    def whole_process(self, name: str, what: str, task: list[str], expect: str, script: str):
-        """`invoke <task>` as a whole process against the tool's database, beside a bare
-        psycopg2 process running `script`; best of --process-runs each. `expect` must be in the
-        task's output (whitespace squeezed: rich wraps lines at 80 columns)."""
-        scenario = self.scenario(name, what)
-        self.bring_to_head()
+    def invoke_env(self) -> dict[str, str]:
+        """The environment of `invoke` run on the tool's database."""
         env = {
             k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "DATABASE_URL"
         }
@@ -989,6 +1107,28 @@ class Bench:
             DB_USER=self.tool.params["user"],
             DB_NAME=self.tool.name,
         )
+        return env
+
+    def invoke_once(self, task: list[str]) -> dict:
+        """`invoke <task>` once, unsettled, as a whole process: its seconds, exit and peak."""
+        done = run_process([*invoke_command(), *task], self.root, self.invoke_env())
+        found = {
+            "seconds": round(done.seconds, 3),
+            "returncode": done.returncode,
+            "peak_mb": round(done.peak_mb, 1),
+        }
+        if done.returncode != 0:
+            found["said"] = (done.stderr or done.stdout).strip()[-500:]
+        log(f"  invoke {' '.join(task)}: {found}")
+        return found
+
+    def whole_process(self, name: str, what: str, task: list[str], expect: str, script: str):
+        """`invoke <task>` as a whole process against the tool's database, beside a bare
+        psycopg2 process running `script`; best of --process-runs each. `expect` must be in the
+        task's output (whitespace squeezed: rich wraps lines at 80 columns)."""
+        scenario = self.scenario(name, what)
+        self.bring_to_head()
+        env = self.invoke_env()
         command = [*invoke_command(), *task]
         peaks: dict[str, list[float]] = {"tool": [], "lower_bound": []}
 
@@ -1089,6 +1229,78 @@ class Bench:
         scenario.trips = (0, trips)
         scenario.lower_bound_trips = (0, self.traced(lambda: lower_bound("org_provlbtrace")))
         return scenario
+
+    # -- operations around the tool (--operations) --
+
+    def run_operations(self, pgdata: Path) -> None:
+        """What a team does around the tool, at N, on the tool's database at head: VACUUM of the
+        catalogs, pg_dump of the whole database (with the server's default lock table first),
+        a restart and the first commands after it, deprovision-tenant --archive and
+        restore-tenant of one tenant. Each is timed once; what failed is kept with its words."""
+        self.bring_to_head()
+        ops = self.operations
+        started = time.perf_counter()
+        self.tool.admin.execute(f"VACUUM ANALYZE {', '.join(CATALOGS)}")
+        ops["vacuum_analyze_catalogs"] = {"seconds": round(time.perf_counter() - started, 2)}
+        log(f"  VACUUM ANALYZE of the catalogs: {ops['vacuum_analyze_catalogs']}")
+        ops["pg_dump_default_locks"] = self.pg_dump()
+        tables = self.tool.admin.value(
+            "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'p', 'S', 'v', 'm', 'f')"
+        )
+        slots = self.server.value(
+            "SELECT current_setting('max_connections')::int "
+            "+ current_setting('max_prepared_transactions')::int"
+        )
+        # pg_dump locks every table it dumps in one transaction: the shared lock table holds
+        # max_locks_per_transaction x (max_connections + max_prepared_transactions) locks.
+        locks = max(64, -(-int(tables * 1.2) // slots))
+        ops["lock_table"] = {"relations": tables, "max_locks_per_transaction": locks}
+        self.server.execute(f"ALTER SYSTEM SET max_locks_per_transaction = {locks}")
+        ops["restart"] = self.restart(pgdata)
+        ops["first_status_after_restart"] = self.invoke_once(["status"])
+        ops["second_status_after_restart"] = self.invoke_once(["status"])
+        ops["pg_dump_raised_locks"] = self.pg_dump()
+        archive = self.root / "deprovisioned.dump"
+        org = self.orgs[len(self.orgs) // 2]
+        ops["deprovision_archive"] = self.invoke_once(
+            ["deprovision-tenant", org, "--yes", "--archive", str(archive)]
+        )
+        ops["restore"] = self.invoke_once(["restore-tenant", "--archive", str(archive)])
+
+    def pg_dump(self) -> dict:
+        """pg_dump of the tool's whole database (custom format, to the data folder): its
+        seconds, exit, size, and its last words if it failed."""
+        target = self.root / "whole.dump"
+        params = self.tool.params
+        command = [
+            str(embedded.bin_dir() / "pg_dump"), "-Fc", "-f", str(target),
+            "-h", params["host"], "-p", params["port"], "-U", params["user"], self.tool.name,
+        ]  # fmt: skip
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        found = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode}
+        if done.returncode:
+            found["said"] = done.stderr.strip()[-500:]
+        else:
+            found["size_mb"] = round(target.stat().st_size / 2**20, 1)
+        target.unlink(missing_ok=True)
+        log(f"  pg_dump of the whole database: {found}")
+        return found
+
+    def restart(self, pgdata: Path) -> dict:
+        """Restart the server (pg_ctl restart, fast shutdown), connections made again after."""
+        for database in [*self.side_db.values(), *self.other_databases]:
+            database.admin.close()
+        self.server.close()
+        user = embedded.SYSTEM_USER if os.geteuid() == 0 else None
+        started = time.perf_counter()
+        embedded._module().pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=user)
+        found = {"seconds": round(time.perf_counter() - started, 1)}
+        self.server = Admin(self.server_params)
+        for database in [*self.side_db.values(), *self.other_databases]:
+            database.admin = Admin(database.params)
+        log(f"  server restart: {found}")
+        return found
 
     # -- round trips --
 
@@ -1212,6 +1424,16 @@ def scenario_list(text: str) -> list[str]:
     return [name for name in SCENARIOS if name in names]
 
 
+def side_list(text: str) -> list[str]:
+    names = {name.strip() for name in text.split(",") if name.strip()} | {"tool", "lower_bound"}
+    unknown = names - set(SIDES)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown side {', '.join(sorted(unknown))}: pick from {', '.join(SIDES)}"
+        )
+    return [side for side in SIDES if side in names]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tenants", type=int, default=1000, help="tenants (default 1000)")
@@ -1259,6 +1481,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the bench database's synchronous_commit (default off: see the module docstring)",
     )
     parser.add_argument(
+        "--sides",
+        type=side_list,
+        default=list(SIDES),
+        help="the lower bounds measured beside the tool in fresh, incremental and rollback, "
+        "each in a database of its own: lower_bound (always), per_statement, with_log "
+        "(default all; at 100,000 tenants each database is about 20 GB)",
+    )
+    parser.add_argument(
+        "--operations",
+        action="store_true",
+        help="after the scenarios, time what a team does around the tool on the tool's "
+        "database: VACUUM of the catalogs, pg_dump of it all, a restart and the first commands "
+        "after it, deprovision-tenant --archive and restore-tenant (see run_operations)",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="exit with status 1 if a target is missed"
     )
     parser.add_argument(
@@ -1301,7 +1538,9 @@ def start_server(workdir: Path, synchronous_commit: str = "off"):
     return server, params
 
 
-def report(args: argparse.Namespace, machine: dict, scenarios: list[Scenario], trips: dict):
+def report(
+    args: argparse.Namespace, bench: Bench, machine: dict, scenarios: list[Scenario], trips: dict
+):
     n, jobs = args.tenants, args.jobs
     print(
         f"\nyoyo-tenants bench: {n} tenants, {jobs} jobs, "
@@ -1345,6 +1584,16 @@ def report(args: argparse.Namespace, machine: dict, scenarios: list[Scenario], t
     for s in scenarios:
         if s.error:
             print(f"\n{s.name} FAILED: {s.error}")
+    if bench.backend_memory:
+        print("\nthe tool's worker backends, private memory (RssAnon), MB:")
+        for name, found in bench.backend_memory.items():
+            print(f"  {name}: {found}")
+    if bench.catalog_mb is not None:
+        print(f"\ndatabases after fresh, MB: {bench.database_mb}; catalogs {bench.catalog_mb}")
+    if bench.operations:
+        print("\noperations around the tool:")
+        for name, found in bench.operations.items():
+            print(f"  {name}: {found}")
     by_name = {s.name: s for s in scenarios}
     provision = by_name.get("provision")
     if provision and provision.first_s and provision.lower_bound_s:
@@ -1364,7 +1613,7 @@ def report(args: argparse.Namespace, machine: dict, scenarios: list[Scenario], t
 
 def space_needed_mb(args: argparse.Namespace) -> float:
     """About how much the server's data will take at its largest."""
-    databases = len(SIDES) if any(s in WITH_OWN_BOUNDS for s in args.scenarios) else 1
+    databases = len(args.sides) if any(s in WITH_OWN_BOUNDS for s in args.scenarios) else 1
     tenants = databases * args.tenants
     if "provision" in args.scenarios and args.tenants > args.provision_reference:
         tenants += args.provision_reference
@@ -1427,6 +1676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenarios = [
             bench.phase(name, lambda name=name: attempt(bench, name)) for name in args.scenarios
         ]
+        if args.operations:
+            log("operations around the tool (timed once each)")
+            bench.phase("operations", lambda: bench.run_operations(workdir / "pgdata"))
         machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         log("counting round trips (log_statement = all; not timed)")
         trips = bench.phase("round trips", lambda: count_round_trips(bench, scenarios))
@@ -1437,7 +1689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     log(f"bench done in {time.perf_counter() - started:.0f} s")
 
-    report(args, machine, scenarios, trips)
+    report(args, bench, machine, scenarios, trips)
     if args.json:
         data = {
             "tenants": args.tenants,
@@ -1455,6 +1707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "network_formula": "(fixed + per_tenant * tenants / jobs) * round_trip_s",
             "round_trips": trips,
             "database_mb_after_fresh": bench.database_mb,
+            "catalog_mb_after_fresh": bench.catalog_mb,
+            "sides": args.sides,
+            "worker_backends_rss_anon": bench.backend_memory,
+            "operations": bench.operations,
             "timeline_s": bench.timeline,
             "settling_s": round(bench.settling, 1),
             "total_s": round(time.perf_counter() - started, 1),
