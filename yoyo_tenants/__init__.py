@@ -4,9 +4,6 @@ The commands are plain functions (see `yoyo_tenants.commands`); the invoke tasks
 over them.
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from .commands import (
     DEFAULT_JOBS,
     make_migration,
@@ -22,11 +19,20 @@ from .provisioning import deprovision_tenant, provision_tenant, restore_tenant
 from .registry import schema_for
 from .settings import Settings
 
-try:
-    # The version lives in pyproject.toml only; this is what was installed from it.
-    __version__ = _version("yoyo-tenants")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "unknown"
+
+def __getattr__(name: str) -> str:
+    """`__version__`, read when asked for: importlib.metadata costs every command's start-up
+    more than some commands take."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        # The version lives in pyproject.toml only; this is what was installed from it.
+        return version("yoyo-tenants")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "unknown"
+
 
 __all__ = [
     "DEFAULT_JOBS",

@@ -23,7 +23,6 @@ from .db import connect, server_params
 from .engine import mark_schema, migrate_schema
 from .errors import TenantsError, UsageError
 from .inspection import damaged, log_damage, read_status
-from .lint import refuse_unclean
 from .loading import load_migrations
 from .log import Log
 from .plan import (
@@ -85,6 +84,8 @@ def migrate_master(
     migrations = load_migrations(settings.master_dir, public=True)
     opts = RunOptions.of(settings, **options)
     if lint:
+        from .lint import refuse_unclean  # only with --lint: start-up
+
         refuse_unclean(settings, True, [Tenant(None, PUBLIC)])
     return _run(
         settings,
@@ -166,6 +167,8 @@ def migrate_tenants(
         raise UsageError("--wave-check and --wave-pause go with --waves")
     tenants = _tenants(settings, tenant, jobs)
     if lint:
+        from .lint import refuse_unclean  # only with --lint: start-up
+
         refuse_unclean(settings, False, tenants)
     run = Run(Command.MIGRATE_TENANTS, tenants, Applying(migrations, opts.allow_drift), opts)
     run.jobs, run.fail_fast, run.dry_run = jobs, fail_fast, dry_run

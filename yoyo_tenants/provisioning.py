@@ -13,7 +13,6 @@ from .archives import dump_schema
 from .db import connect, server_params
 from .engine import migrate_schema
 from .errors import LockBusy, MigrationFailed, NotReady, SchemaCollision, TenantsError, UsageError
-from .lint import refuse_unclean
 from .loading import load_migrations
 from .log import Log
 from .plan import ApplyPlan, Drift, drift, migration_sql
@@ -55,6 +54,8 @@ def provision_tenant(
     tenant = Tenant(registry.check_org_id(org_id), registry.schema_for(org_id))
     migrations = load_migrations(settings.tenant_dir)
     if lint:
+        from .lint import refuse_unclean  # only with --lint: start-up
+
         refuse_unclean(settings, False, [tenant])
     options = RunOptions.of(settings, lock_wait=lock_wait, allow_drift=allow_drift)
     connection = connect(server_params(settings))

@@ -15,24 +15,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from .errors import few
 from .inspection import SchemaStatus, Standing, Status
-from .lint import Report as LintReport
 from .pool import RunResult
 from .provisioning import Deprovisioned, Provisioned, Restored
 from .results import Outcome, SchemaResult
 from .waves import Wave
+
+if TYPE_CHECKING:  # what only some commands draw is imported when they draw it (start-up)
+    from rich.table import Table
+
+    from .lint import Report as LintReport
 
 #: Seconds between progress lines when stdout is not a terminal.
 PLAIN_PROGRESS_EVERY = 5.0
@@ -201,6 +198,14 @@ class _Bar:
     """Progress on a terminal: a bar, done of total, and the time left."""
 
     def __init__(self, console: Console, label: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
         self.bar = Progress(
             TextColumn(label),
             BarColumn(),
@@ -405,6 +410,8 @@ def _status_line(t: SchemaStatus) -> str:
 
 
 def _status_table(listed: Sequence[SchemaStatus]) -> Table:
+    from rich.table import Table
+
     placed = any(t.node for t in listed)  # on Citus: the worker holding each
     table = Table("org id", "schema", *(["node"] if placed else []), "state", "applied", "pending")
     for column in table.columns[: 4 if placed else 3]:

@@ -18,7 +18,6 @@ from invoke.parser import Argument
 from rich.console import Console
 
 from . import commands, embedded, inspection, provisioning, registry, report
-from . import lint as linting
 from .db import error_text
 from .errors import TenantsError, UnknownTenant, UsageError
 from .settings import Settings
@@ -472,6 +471,8 @@ def lint(c, all=False, files=None):
     names = [name.strip() for name in (files or "").split(",") if name.strip()]
     if files is not None and not names:
         raise UsageError("--files names no file")
+    from . import lint as linting  # only here: start-up
+
     result = linting.lint(_settings(), files=names, every=all)
     report.lint(out, result)
     if not result.ok:
