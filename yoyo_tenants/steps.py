@@ -137,6 +137,8 @@ class CheckedCursor(extensions.cursor):
 def _checked(factory: type[Cursor], quiet: bool) -> type[CheckedCursor]:
     """`factory`'s cursors, checking each statement before sending it (and, if `quiet`,
     showing yoyo no result rows to print)."""
-    # Made at run time: the checks come first, then whichever cursor class the step asked for.
+    # Made at run time: the checks come first, then whichever cursor class the step asked for
+    # (one that checks already, as a checked cursor's own class does, keeps its checks).
+    bases = (factory,) if issubclass(factory, CheckedCursor) else (CheckedCursor, factory)
     namespace = {"description": property(lambda self: None)} if quiet else {}
-    return cast(type[CheckedCursor], type("Checked", (CheckedCursor, factory), namespace))
+    return cast(type[CheckedCursor], type("Checked", bases, namespace))
