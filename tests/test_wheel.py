@@ -126,6 +126,7 @@ def _build(dist: Path, version: str) -> Path:
         f"yoyo_tenants-{version}.dist-info",
     }
     assert f"yoyo_tenants-{version}.dist-info/licenses/LICENSE" in names
+    assert "yoyo_tenants/py.typed" in names  # PEP 561: type checkers read the package's hints
     with tarfile.open(sdist) as archive:
         names = [name.split("/", 1)[-1] for name in archive.getnames()]
     assert {"README.md", "LICENSE", "CHANGELOG.md", "pyproject.toml"} <= set(names)

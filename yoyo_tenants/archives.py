@@ -21,13 +21,16 @@ from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pglast import ast, parser
 from pglast.enums import ConstrType, ObjectType
 from pglast.parser import ParseError
 from psycopg2 import errors, sql
+from psycopg2.extensions import cursor as Cursor
 
 from . import embedded, log, registry
+from .db import one_row
 from .errors import NotReady, TenantsError, UsageError
 from .registry import Tenant
 
@@ -42,11 +45,11 @@ CREATE_RECORDS_SQL = sql.SQL(
 ).format(RECORDS)
 
 
-def ensure_records(cursor) -> None:
+def ensure_records(cursor: Cursor) -> None:
     """Make the table of records the first time (before an archive is written: a user who may
     not make it is told before anything is dumped or dropped)."""
     cursor.execute("SELECT to_regclass('public.yoyo_tenants_archives') IS NOT NULL")
-    if not cursor.fetchone()[0]:
+    if not one_row(cursor)[0]:
         with suppress(errors.UniqueViolation):  # another deprovisioning made it a moment ago
             cursor.execute(CREATE_RECORDS_SQL)
 
@@ -68,10 +71,10 @@ def fingerprint(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), path.stat().st_size
 
 
-def recorded(cursor, digest: str, size: int) -> tuple[str, str] | None:
+def recorded(cursor: Cursor, digest: str, size: int) -> tuple[str, str] | None:
     """The org and schema an archive of this digest was recorded for, if one was."""
     cursor.execute("SELECT to_regclass('public.yoyo_tenants_archives') IS NOT NULL")
-    if not cursor.fetchone()[0]:
+    if not one_row(cursor)[0]:
         return None
     query = sql.SQL("SELECT org_id, schema_name FROM {} WHERE sha256 = %s AND size = %s")
     cursor.execute(query.format(RECORDS), (digest, size))
@@ -85,7 +88,7 @@ def recorded(cursor, digest: str, size: int) -> tuple[str, str] | None:
 LABEL = "yoyo-tenants registry row: "
 
 
-def label(cursor, tenant: Tenant) -> str | None:
+def label(cursor: Cursor, tenant: Tenant) -> str | None:
     """Write the registry row (and the schema's own comment) into the schema's comment; the
     comment it had."""
     cursor.execute(
@@ -93,12 +96,12 @@ def label(cursor, tenant: Tenant) -> str | None:
         "'pg_namespace') FROM public.tenants t WHERE clerk_org_id = %s",
         (tenant.org_id,),
     )
-    row, comment = cursor.fetchone()
+    row, comment = one_row(cursor)
     set_comment(cursor, tenant.schema, LABEL + json.dumps({"row": row, "comment": comment}))
     return comment
 
 
-def set_comment(cursor, schema: str, comment: str | None) -> None:
+def set_comment(cursor: Cursor, schema: str, comment: str | None) -> None:
     cursor.execute(comment_sql(schema, comment))
 
 
@@ -180,12 +183,13 @@ def read_contents(archive: Path) -> Contents:
     return contents
 
 
-def read_label(archive: Path, contents: Contents) -> tuple[Tenant, dict]:
+def read_label(archive: Path, contents: Contents) -> tuple[Tenant, dict[str, Any]]:
     """The tenant an archive's label names (its org id must name its schema) and the label."""
     for node in _statements(archive, [contents.label] if contents.label else []):
         if isinstance(node, ast.CommentStmt) and node.objtype == ObjectType.OBJECT_SCHEMA:
             text = node.comment or ""
-            if node.object.sval == contents.schema and text.startswith(LABEL):
+            named = isinstance(node.object, ast.String) and node.object.sval == contents.schema
+            if named and text.startswith(LABEL):
                 break
     else:
         raise refused(archive, "it has no label: deprovision-tenant --archive did not write it")
@@ -207,19 +211,22 @@ def read_label(archive: Path, contents: Contents) -> tuple[Tenant, dict]:
 
 def referenced(archive: Path, contents: Contents) -> list[sql.Identifier]:
     """The tables outside the schema its foreign keys refer to."""
-    tables = set()
+    tables: set[tuple[str, str]] = set()
     for node in _statements(archive, contents.references):
         for command in getattr(node, "cmds", None) or ():
             constraint = getattr(command, "def_", None)
             if isinstance(constraint, ast.Constraint) and (
                 constraint.contype == ConstrType.CONSTR_FOREIGN
-                and constraint.pktable.schemaname not in (None, contents.schema)
+                and (table := constraint.pktable) is not None
+                and isinstance(table.schemaname, str)
+                and table.schemaname != contents.schema
+                and table.relname is not None
             ):  # (an unqualified name resolves to nothing: pg_restore empties the search path)
-                tables.add((constraint.pktable.schemaname, constraint.pktable.relname))
+                tables.add((table.schemaname, table.relname))
     return [sql.Identifier(*table) for table in sorted(tables)]
 
 
-def _statements(archive: Path, entries: Sequence[str]) -> list:
+def _statements(archive: Path, entries: Sequence[str]) -> list[ast.Node | None]:
     """The statements of these entries, parsed (never run)."""
     if not entries:
         return []
@@ -289,7 +296,7 @@ def run_client(
     what: str,
     env: Mapping[str, str] | None = None,
     stdin: str | None = None,
-):
+) -> subprocess.CompletedProcess[str]:
     """Run one of PostgreSQL's client programs; TenantsError naming `what` if it fails."""
     # Connection settings go through the environment, so the password is on no command line.
     env = {

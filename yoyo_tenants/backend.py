@@ -20,19 +20,21 @@ import contextlib
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg2
 from psycopg2 import extensions
+from psycopg2.extensions import connection as Connection
 from yoyo import exceptions
 from yoyo.backends.core.postgresql import PostgresqlBackend
-from yoyo.migrations import Migration, default_migration_table
+from yoyo.connections import DatabaseURI
+from yoyo.migrations import Migration, MigrationList, default_migration_table
 
 from . import log
-from .db import error_text
-from .engine import mark_schema, migrate_schema
+from .db import Params, Query, error_text
+from .engine import Mark, mark_schema, migrate_schema
 from .errors import LockBusy, MigrationFailed, NotReady, TenantsError, UsageError
 from .loading import SqlMigration
 from .log import Log
@@ -113,9 +115,12 @@ class TenantBackend(PostgresqlBackend):
 
     options = RunOptions()
     locked = False
+    #: Set by yoyo's connect(), from the URI's ``schema`` argument, then checked.
+    schema: str
+    search_path: str
 
     @reported
-    def __init__(self, dburi, migration_table):
+    def __init__(self, dburi: DatabaseURI, migration_table: str) -> None:
         # Before connecting: a URL without its schema, or a second history, writes nothing.
         if not dburi.args.get("schema"):
             raise UsageError(NO_SCHEMA)
@@ -128,14 +133,14 @@ class TenantBackend(PostgresqlBackend):
         self.batch: int | None = None  # one batch for all yoyo applies in this process
         super().__init__(dburi, migration_table)
 
-    def connect(self, dburi):
+    def connect(self, dburi: DatabaseURI) -> Connection:
         connection = super().connect(dburi)  # takes "schema" out of the URI's arguments
         self.schema = check_schema_name(self.schema)
         self.search_path = Session(connection, self.schema, self.options).search_path
         return connection
 
     @reported
-    def init_database(self):
+    def init_database(self) -> None:
         # yoyo creates a lock table and probes transactional DDL with a scratch table here.
         # PostgreSQL has transactional DDL, and our lock is an advisory lock.
         self.has_transactional_ddl = True
@@ -146,22 +151,22 @@ class TenantBackend(PostgresqlBackend):
             raise NotReady(f"schema {self.schema} does not exist")
         self.options = prepare_run(self.connection, RunOptions())
 
-    def init_connection(self, connection):
+    def init_connection(self, connection: Connection) -> None:
         pass  # the search path is set per transaction, never on the session
 
-    def cursor(self):
+    def cursor(self) -> SchemaCursor:
         cursor = self.connection.cursor(cursor_factory=SchemaCursor)
         cursor.search_path = self.search_path
         return cursor
 
-    def begin(self):
+    def begin(self) -> None:
         super().begin()  # yoyo's own transactions see the schema too, for that transaction only
         self.execute("SELECT set_config('search_path', :path, true)", {"path": self.search_path})
 
     # -- locking -------------------------------------------------------------------------------
 
     @contextmanager
-    def lock(self, timeout=10) -> Iterator[None]:
+    def lock(self, timeout: float = 10) -> Iterator[None]:
         """yoyo's whole-run lock, as a session advisory lock on the schema instead of a row in a
         lock table: the server drops it when the session ends, so a killed run leaves nothing."""
         if self.locked:
@@ -184,7 +189,7 @@ class TenantBackend(PostgresqlBackend):
             self.execute("SELECT pg_advisory_unlock(hashtextextended(:key, 0))", key)
 
     @reported
-    def break_lock(self):
+    def break_lock(self) -> None:
         """There is never a stale lock to break: the schema's advisory lock ends with the session
         holding it, even a killed one. A lock held is a run still going, which is not ended
         behind its back: LockBusy names its session, and how to end it if it must be."""
@@ -196,10 +201,12 @@ class TenantBackend(PostgresqlBackend):
                 f"pg_terminate_backend({holders[0][0]})"
             )
 
-    def _holders(self) -> list[tuple]:
+    def _holders(self) -> list[tuple[int, str, str]]:
         return self.execute(HOLDERS_SQL, {"key": lock_key(self.schema)}).fetchall()
 
-    def _lock_message(self, holders: list[tuple], waited: float | None = None) -> str:
+    def _lock_message(
+        self, holders: list[tuple[int, str, str]], waited: float | None = None
+    ) -> str:
         details = [f"waited {waited:g} s"] if waited is not None else []
         details += [f"pid {pid}, {app}, connected {since}" for pid, app, since in holders]
         text = f"schema {self.schema} is locked by another run"
@@ -207,11 +214,11 @@ class TenantBackend(PostgresqlBackend):
 
     # -- the log, through the engine -------------------------------------------------------------
 
-    def ensure_internal_schema_updated(self):
+    def ensure_internal_schema_updated(self) -> None:
         pass  # the engine makes (or converts) the log table when it first writes to it
 
     @reported
-    def get_applied_migration_hashes(self):
+    def get_applied_migration_hashes(self) -> list[str]:
         return [row.migration_hash for row in self.applied().applied]
 
     def applied(self) -> Log:
@@ -228,7 +235,7 @@ class TenantBackend(PostgresqlBackend):
                 session.rollback()
 
     @reported
-    def to_apply(self, migrations):
+    def to_apply(self, migrations: MigrationList) -> MigrationList:
         """What yoyo would apply, unless a migration applied here has changed since: the invoke
         tasks refuse to migrate a schema with drift, and so does the yoyo command line."""
         present = {m.hash for m in migrations}
@@ -241,27 +248,27 @@ class TenantBackend(PostgresqlBackend):
         return super().to_apply(migrations)
 
     @reported
-    def apply_one(self, migration: Migration, force=False, mark=True):
+    def apply_one(self, migration: Migration, force: bool = False, mark: bool = True) -> None:
         self._run(migration, "apply" if mark else log.HOOK)
 
     @reported
-    def rollback_one(self, migration: Migration, force=False):
+    def rollback_one(self, migration: Migration, force: bool = False) -> None:
         self._run(migration, "rollback")
 
     @reported
-    def mark_migrations(self, migrations):
+    def mark_migrations(self, migrations: Iterable[Migration]) -> None:
         self._record(migrations, "mark")
 
     @reported
-    def unmark_migrations(self, migrations):
+    def unmark_migrations(self, migrations: Iterable[Migration]) -> None:
         self._record(migrations, "unmark")
 
     @reported
-    def mark_one(self, migration, log=True):
+    def mark_one(self, migration: Migration, log: bool = True) -> None:
         self._record([migration], "mark")
 
     @reported
-    def unmark_one(self, migration, log=True):
+    def unmark_one(self, migration: Migration, log: bool = True) -> None:
         self._record([migration], "unmark")
 
     def _writing(self) -> RunOptions:
@@ -278,10 +285,10 @@ class TenantBackend(PostgresqlBackend):
         if result.failure:
             raise MigrationError(self.schema, result.failure)
 
-    def _record(self, migrations, operation: str) -> None:
+    def _record(self, migrations: Iterable[Migration], operation: str) -> None:
         """Log marks (applied without running) or unmarks, in one transaction."""
 
-        def choose(current: Log) -> list:
+        def choose(current: Log) -> list[Mark]:
             applied = {row.migration_hash for row in current.applied}
             batch = self.next_batch(current)
             return [
@@ -321,7 +328,7 @@ class SchemaCursor(extensions.cursor):
 
     search_path = "public"
 
-    def execute(self, query, vars=None):
+    def execute(self, query: Query, vars: Params = None) -> None:
         idle = self.connection.info.transaction_status == extensions.TRANSACTION_STATUS_IDLE
         if not idle or (isinstance(query, str) and is_transaction_control(query)):
             return super().execute(query, vars)
@@ -338,9 +345,9 @@ class SchemaCursor(extensions.cursor):
 class _One:
     """A plan for the yoyo command line's unit of work: one migration, if it is still to do."""
 
-    hooks = ()
+    hooks: Sequence[Migration] = ()
 
-    def __init__(self, migration: Migration, operation: str, backend: TenantBackend):
+    def __init__(self, migration: Migration, operation: str, backend: TenantBackend) -> None:
         self.migration, self.operation, self.backend = migration, operation, backend
         self.batch: int | None = None
 

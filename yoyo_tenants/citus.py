@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from psycopg2 import errors
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
 
 from . import log
+from .db import one_row
 from .errors import LockBusy, NotReady, UsageError
 from .results import RunOptions
 from .session import lock_key
@@ -32,12 +35,12 @@ NODES_SQL = """
 """
 
 
-def installed(cursor) -> bool:
+def installed(cursor: Cursor) -> bool:
     cursor.execute("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
-    return cursor.fetchone()[0]
+    return one_row(cursor)[0]
 
 
-def nodes(cursor, schemas: Sequence[str]) -> dict[str, str]:
+def nodes(cursor: Cursor, schemas: Sequence[str]) -> dict[str, str]:
     """schema -> "host:port" of the worker holding it ({} when the server is not Citus)."""
     if not installed(cursor):
         return {}
@@ -45,7 +48,9 @@ def nodes(cursor, schemas: Sequence[str]) -> dict[str, str]:
     return dict(cursor.fetchall())
 
 
-def move(connection, schema: str, to: str, options: RunOptions) -> tuple[str | None, str]:
+def move(
+    connection: Connection, schema: str, to: str, options: RunOptions
+) -> tuple[str | None, str]:
     """Move `schema` to the worker `to` ("host:port") with citus_schema_move, in its default
     (online) mode, holding the schema's lock meanwhile, so that no run migrates it as it moves.
     Returns where it was and where it is."""

@@ -14,12 +14,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
-from yoyo.migrations import MigrationList
+from yoyo.migrations import Migration, MigrationList
 
 from . import citus, log, registry, runs, scaffold
-from .db import connect, server_params
+from .db import connect, one_row, server_params
 from .engine import mark_schema, migrate_schema
 from .errors import TenantsError, UsageError
 from .inspection import damaged, log_damage, read_status
@@ -28,6 +29,7 @@ from .log import Log
 from .plan import (
     ApplyPlan,
     Drift,
+    Plan,
     RepairPlan,
     RollbackPlan,
     RollbackTarget,
@@ -49,7 +51,7 @@ OnResult = Callable[[SchemaResult], None]
 #: Called once a run has scanned, before any schema is started: (schemas with work, schemas in all).
 OnStart = Callable[[int, int], None]
 #: Makes the plan for one schema (plans remember what they chose: one per schema).
-PlanFor = Callable[[str], Any]
+PlanFor = Callable[[str], Plan]
 
 
 @dataclass
@@ -198,10 +200,10 @@ def rollback_tenants(
     target = RollbackTarget(steps=steps, to=to, run=run, yes=yes)
     opts = RunOptions.of(settings, **options)
     plans = RollingBack(migrations, target, Command.MIGRATE_TENANTS)
-    run = Run(Command.ROLLBACK_TENANTS, _tenants(settings, tenant, jobs), plans, opts)
-    run.jobs, run.fail_fast, run.dry_run = jobs, fail_fast, dry_run
-    run.on_result, run.on_start = on_result, on_start
-    return _run(settings, run)
+    rollback = Run(Command.ROLLBACK_TENANTS, _tenants(settings, tenant, jobs), plans, opts)
+    rollback.jobs, rollback.fail_fast, rollback.dry_run = jobs, fail_fast, dry_run
+    rollback.on_result, rollback.on_start = on_result, on_start
+    return _run(settings, rollback)
 
 
 class Applying:
@@ -226,7 +228,7 @@ class RollingBack:
         migrations: MigrationList,
         target: RollbackTarget,
         deploys: Command,
-        protect: Callable[[Cursor], Callable[[list], str | None]] | None = None,
+        protect: Callable[[Cursor], Callable[[list[Migration]], str | None]] | None = None,
     ):
         if target.to is not None and target.to not in {m.id for m in migrations}:
             raise UsageError(f"--to {target.to}: no migration file has that id")
@@ -247,24 +249,24 @@ class RollingBack:
 Plans = Applying | RollingBack
 
 
-def _nothing_protected(todo: list) -> str | None:
+def _nothing_protected(todo: list[Migration]) -> str | None:
     return None
 
 
-def last_deploy(cursor, states: dict[str, SchemaState], command: Command) -> int | None:
+def last_deploy(cursor: Cursor, states: dict[str, SchemaState], command: Command) -> int | None:
     """The most recent run of `command` that applied a migration still applied somewhere."""
     found = {row.run for state in states.values() for row in state.applied if row.run}
     return next((run for run in runs.of_command(cursor, command.value) if run in found), None)
 
 
-def _registry_kept(cursor) -> Callable[[list], str | None]:
+def _registry_kept(cursor: Cursor) -> Callable[[list[Migration]], str | None]:
     """For public: a rollback must not drop the tenant registry while tenants are registered."""
     registered = 0
     if registry.exists(cursor):
         cursor.execute("SELECT count(*) FROM public.tenants")
-        registered = cursor.fetchone()[0]
+        registered = one_row(cursor)[0]
 
-    def check(todo) -> str | None:
+    def check(todo: list[Migration]) -> str | None:
         for migration in todo:
             script = getattr(migration, "rollback_script", None)
             if registered and script and drops_table(script, PUBLIC, "tenants"):
@@ -365,7 +367,7 @@ def _run(settings: Settings, run: Run) -> RunResult:
     return done
 
 
-def _needs_work(state: SchemaState, plan) -> bool:
+def _needs_work(state: SchemaState, plan: Plan) -> bool:
     """Whether a scanned schema has anything for `plan` to do (a plan's verdict on its own log,
     or a log table to make or convert)."""
     if not state.tables_ready or state.old_layout:
@@ -376,7 +378,9 @@ def _needs_work(state: SchemaState, plan) -> bool:
         return True  # drift or a missing file: the engine reports it, for this schema
 
 
-def starting_point(state: SchemaState, schema: str, citus: bool) -> tuple[Log | None, list]:
+def starting_point(
+    state: SchemaState, schema: str, citus: bool
+) -> tuple[Log | None, list[sql.Composed]]:
     """How the engine starts on a scanned schema: the log it knows, and the statements that make
     its log table what a run writes to. A schema with yoyo's tables is read under its lock, and
     converted there."""
@@ -391,7 +395,11 @@ def starting_point(state: SchemaState, schema: str, citus: bool) -> tuple[Log | 
 
 
 def _dry_run(
-    tenants, states, plans: dict[str, Any], direction: Direction, settings: Settings
+    tenants: list[Tenant],
+    states: dict[str, SchemaState],
+    plans: dict[str, Plan],
+    direction: Direction,
+    settings: Settings,
 ) -> RunResult:
     """What a run would do, read from the catalog in a few queries; nothing is written."""
     run = RunResult(direction, dry_run=True)
@@ -483,7 +491,7 @@ def repair(
     if dry_run:
         return RunResult(Direction.REPAIR, results, dry_run=True)
 
-    def action(connection, result: SchemaResult) -> SchemaResult:
+    def action(connection: Connection, result: SchemaResult) -> SchemaResult:
         marks = mark_schema(connection, result.schema, options, plans[result.schema].choose)
         result.migrations = [m.id for m, _, _ in marks]
         return result

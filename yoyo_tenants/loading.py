@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from yoyo import exceptions as yoyo_exceptions
 from yoyo.migrations import Migration, MigrationList, read_migrations
@@ -14,8 +15,10 @@ from .errors import NotReady
 from .log import migration_checksum
 from .sqlfiles import Script, read_script
 
+#: A folder's files as they were read: (name, size, time stamp in ns) of each.
+Files = tuple[tuple[str, int, int], ...]
 #: Migration folders already read: (path, public) -> (what its files were, what they said).
-_loaded: dict[tuple[Path, bool], tuple[tuple, MigrationList]] = {}
+_loaded: dict[tuple[Path, bool], tuple[Files, MigrationList]] = {}
 #: Files changed this recently are read again: a file rewritten within the file system's clock
 #: tick keeps its time stamp (git calls such entries racy).
 RACY_NS = 2_000_000_000
@@ -29,7 +32,7 @@ class SqlMigration(Migration):
     The engine runs `script` and `rollback_script`, never yoyo's steps.
     """
 
-    def __init__(self, migration_id: str, path: str, source_dir: str, public: bool):
+    def __init__(self, migration_id: str, path: str, source_dir: str, public: bool) -> None:
         super().__init__(migration_id, path, source_dir)
         self.public = public
         self.script: Script | None = None
@@ -45,14 +48,14 @@ class SqlMigration(Migration):
         self.rollback_script = read_script(rollback, self.public) if rollback.exists() else None
         self.source = self.script.text
         self.use_transactions = self.script.transactional
-        self.steps = []  # see process_steps
+        self.steps: list[object] = []  # see process_steps
 
     @property
     def depends(self) -> set[Migration]:
         self.load()
         return self.requires
 
-    def process_steps(self, backend, direction, force=False):
+    def process_steps(self, backend: object, direction: str, force: bool = False) -> NoReturn:
         raise TypeError(f"{self.id} is run by yoyo_tenants' engine, not step by step")
 
 
@@ -76,7 +79,7 @@ def load_migrations(directory: Path, public: bool = False) -> MigrationList:
     return migrations
 
 
-def _files(directory: Path) -> tuple:
+def _files(directory: Path) -> Files:
     entries = [(e.name, e.stat()) for e in os.scandir(directory) if e.is_file()]
     return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in entries))
 
@@ -95,6 +98,7 @@ def _read(directory: Path, public: bool) -> MigrationList:
         migration_checksum(migration)  # now, before worker threads share the migrations
     for migration in ours.values():
         if isinstance(migration, SqlMigration):
+            assert migration.script is not None  # loaded above
             for required in migration.script.depends:
                 if required not in ours:
                     raise NotReady(f"{migration.path} depends on {required}, which is not there")

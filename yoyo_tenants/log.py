@@ -21,15 +21,16 @@ from __future__ import annotations
 import getpass
 import hashlib
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
 from psycopg2 import sql
+from psycopg2.extensions import connection as Connection
 from yoyo.migrations import Migration, hash_function
 
 TABLE = "_yoyo_log"
@@ -110,7 +111,9 @@ class RowValues:
     def __init__(self) -> None:
         self._quoted: dict[tuple, sql.SQL] = {}
 
-    def values(self, row: tuple, connection) -> sql.SQL:
+    def values(
+        self, row: tuple[str, str, int | None, str | None, int | None], connection: Connection
+    ) -> sql.SQL:
         """(migration id, operation, batch, checksum, run) and who writes them, as SQL."""
         key = (*row, connection.encoding)
         found = self._quoted.get(key)
@@ -268,7 +271,7 @@ class AppliedMigration(NamedTuple):
     """A migration the log says is applied (a tuple: a scan makes one per row of thousands)."""
 
     migration_id: str
-    applied_at: datetime
+    applied_at: datetime | None  # None: logged by this run, not read back
     batch: int | None
     checksum: str | None
     run: int | None = None  # the run that applied it (None: provisioning, or an older tool)
@@ -313,7 +316,7 @@ class Log:
         return Log(list(applied.values()))
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple]) -> Log:
+    def from_rows(cls, rows: Iterable[Sequence[Any]]) -> Log:
         """From rows of `columns()`, in any order. What no run writes is noted in `damage` (in
         the same pass: a scan reads thousands of logs): ids that are not 1, 2, 3, ... (a row
         twice, or one deleted), an operation no run logs, a rollback or unmark of a migration

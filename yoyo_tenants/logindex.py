@@ -20,13 +20,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from psycopg2 import errors, sql
+from psycopg2.extensions import cursor as Cursor
 from yoyo.migrations import MigrationList
 
 from . import log
 from .db import public_table
 from .log import AppliedMigration, Log, migration_checksum
+
+if TYPE_CHECKING:
+    from .pool import SchemaState
 
 TABLE = sql.Identifier("public", "yoyo_tenants_heads")
 CREATE_SQL = sql.SQL(
@@ -109,11 +114,11 @@ def head_digest(migrations: MigrationList) -> str:
     return digest((m.id, migration_checksum(m)) for m in migrations)
 
 
-def exists(cursor) -> bool:
+def exists(cursor: Cursor) -> bool:
     return public_table(cursor, "yoyo_tenants_heads")
 
 
-def ensure(cursor) -> bool:
+def ensure(cursor: Cursor) -> bool:
     """Make the index if it is not there; False if this user may not (runs then read logs)."""
     if exists(cursor):
         return True
@@ -125,7 +130,7 @@ def ensure(cursor) -> bool:
     return True
 
 
-def read(cursor, schemas: Sequence[str]) -> dict[str, tuple[int, str, int | None]]:
+def read(cursor: Cursor, schemas: Sequence[str]) -> dict[str, tuple[int, str, int | None]]:
     """Valid index rows of `schemas`: schema -> (position, digest, batch)."""
     params = {"log": log.TABLE, "schemas": list(schemas), "columns": list(log.COLUMN_NAMES)}
     cursor.execute(READ_SQL, {**params, "count": len(log.COLUMN_NAMES)})
@@ -133,12 +138,12 @@ def read(cursor, schemas: Sequence[str]) -> dict[str, tuple[int, str, int | None
     return {schema: (position, applied, batch) for schema, position, applied, batch in rows}
 
 
-def old_layouts(cursor, schemas: Sequence[str]) -> set[str]:
+def old_layouts(cursor: Cursor, schemas: Sequence[str]) -> set[str]:
     cursor.execute(OLD_LAYOUT_SQL, {"old": log.OLD_TABLE, "schemas": list(schemas)})
     return {row[0] for row in cursor.fetchall()}
 
 
-def rebuild(cursor, states) -> list[str]:
+def rebuild(cursor: Cursor, states: dict[str, SchemaState]) -> list[str]:
     """Make the index say what the logs in `states` (schema -> pool.SchemaState, read whole)
     say; the schemas whose row said otherwise (a missing row is added, not counted). A damaged
     log's row is made to name no table, so that runs read that log whole (and refuse it)."""

@@ -14,7 +14,7 @@ from psycopg2 import extensions, sql
 from yoyo.migrations import Migration
 
 from . import log
-from .db import failure_from, iso_dates
+from .db import failure_from, iso_dates, one_row
 from .errors import Failure, NotReady
 from .session import MessageFailed, Session, raised, script_for, step_direction
 from .sqlfiles import Script
@@ -83,7 +83,9 @@ def _invalid_indexes(session: Session, migration: Migration) -> None:
         cursor.execute(drop)
 
 
-def _run_on_session(session: Session, migration: Migration, operation: str, params) -> None:
+def _run_on_session(
+    session: Session, migration: Migration, operation: str, params: dict[str, str]
+) -> None:
     _invalid_indexes(session, migration)
     cursor, connection = session.cursor, session.connection
     cursor.execute(
@@ -92,7 +94,7 @@ def _run_on_session(session: Session, migration: Migration, operation: str, para
         " set_config('statement_timeout', %(statement_timeout)s, false)",
         params,
     )
-    pid = cursor.fetchone()[0]
+    pid = one_row(cursor)[0]
     script = script_for(migration, operation)
     try:
         if isinstance(script, Script):
@@ -119,7 +121,7 @@ def _run_on_session(session: Session, migration: Migration, operation: str, para
             cursor.execute("ROLLBACK")  # a block of its own that failed, or was left open
         cursor.execute(RESET_SQL + "; SELECT pg_backend_pid()")
         iso_dates(connection)
-    if cursor.fetchone()[0] != pid:
+    if one_row(cursor)[0] != pid:
         # A transaction-pooling PgBouncer handed us another server connection between
         # statements: the session settings (and lock) did not follow. Say so loudly.
         raise NotReady(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 from weakref import WeakKeyDictionary
 
 from yoyo.migrations import Migration, MigrationList, topological_sort
@@ -19,14 +19,25 @@ from .errors import Drift, MigrationsMissing, UsageError, WouldEmpty, few
 from .log import ACCEPT, AppliedMigration, Log, migration_checksum
 
 
+class Plan(Protocol):
+    """What the engine asks of a plan: which migrations to run next (for `operation`), the batch
+    their log rows record, and the hooks that follow them (see engine.migrate_schema)."""
+
+    operation: str
+    batch: int | None
+    hooks: Sequence[Migration]
+
+    def choose(self, log: Log) -> list[Migration]: ...
+
+
 class ApplyPlan:
     """Apply what is pending, as one batch; refuse a schema with drift unless allowed."""
 
     operation = "apply"
 
-    def __init__(self, schema: str, migrations: MigrationList, allow_drift: bool = False):
+    def __init__(self, schema: str, migrations: MigrationList, allow_drift: bool = False) -> None:
         self.schema, self.migrations, self.allow_drift = schema, migrations, allow_drift
-        self.hooks = migrations.post_apply
+        self.hooks: Sequence[Migration] = migrations.post_apply
         self.batch: int | None = None
         #: The log it was last asked about, and its answer: a run asks once when it scans and
         #: again when the engine starts on the same log.
@@ -58,7 +69,7 @@ class RollbackTarget:
     #: its base tables, there is nothing to roll back, rather than a refusal.
     deploy: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if sum(x is not None for x in (self.steps, self.to, self.run)) > 1:
             raise UsageError("give one of --steps, --to and --run")
         if self.steps is not None and self.steps < 1:
@@ -92,7 +103,7 @@ class RollbackPlan:
 
     operation = "rollback"
     hooks: Sequence[Migration] = ()
-    batch = None
+    batch: int | None = None
 
     def __init__(
         self,

@@ -11,10 +11,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE as IDLE
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
 from yoyo.migrations import MigrationList
 
 from . import log, logindex
@@ -22,6 +26,9 @@ from .db import clean_session, connect, connection_lost, error_text
 from .errors import ConnectionFailed, TenantsError
 from .log import AppliedMigration, Log, migration_checksum
 from .results import ConnectionLost, Direction, Outcome, SchemaResult
+
+if TYPE_CHECKING:
+    from .waves import Wave
 
 #: Schemas per query when reading many schemas' migration tables at once: planning a UNION ALL
 #: grows faster than its size (measured: 1000 schemas in chunks of 100 read in 0.09 s, of 500 in
@@ -45,7 +52,7 @@ class RunResult:
     duration: float = 0.0
     dry_run: bool = False
     run: int | None = None  # the run's number in public.yoyo_tenants_runs (if it wrote)
-    waves: list = field(default_factory=list)  # a run in waves: each wave (see waves.py)
+    waves: list[Wave] = field(default_factory=list)  # a run in waves: each wave (see waves.py)
 
     @property
     def failed(self) -> list[SchemaResult]:
@@ -122,7 +129,7 @@ COLUMNS_SQL = """
 
 
 def scan(
-    cursor, schemas: Sequence[str], migrations: MigrationList | None = None
+    cursor: Cursor, schemas: Sequence[str], migrations: MigrationList | None = None
 ) -> dict[str, SchemaState]:
     """Read the migration logs of many schemas in a few queries.
 
@@ -143,7 +150,12 @@ def scan(
     return states
 
 
-def _from_index(cursor, indexed, states, migrations: MigrationList) -> list[str]:
+def _from_index(
+    cursor: Cursor,
+    indexed: dict[str, tuple[int, str, int | None]],
+    states: dict[str, SchemaState],
+    migrations: MigrationList,
+) -> list[str]:
     """States of the indexed schemas, from the index and one log per distinct digest; returns
     the schemas to read whole after all (their group's log disagreed with the index)."""
     at_head = logindex.head_digest(migrations)
@@ -179,7 +191,7 @@ def _from_index(cursor, indexed, states, migrations: MigrationList) -> list[str]
     return unread
 
 
-def _read_whole(cursor, schemas: Sequence[str], states) -> None:
+def _read_whole(cursor: Cursor, schemas: Sequence[str], states: dict[str, SchemaState]) -> None:
     if not schemas:
         return
     cursor.execute(
@@ -221,7 +233,9 @@ def _read_whole(cursor, schemas: Sequence[str], states) -> None:
                 states[schema].damage = found.damage
 
 
-def _say_which_columns(cursor, schemas: Sequence[str], states) -> None:
+def _say_which_columns(
+    cursor: Cursor, schemas: Sequence[str], states: dict[str, SchemaState]
+) -> None:
     """The damage of logs whose columns are not log.LAYOUT's: which are missing or wrong."""
     cursor.execute(COLUMNS_SQL, {"log": log.TABLE, "schemas": list(schemas)})
     found: dict[str, dict[str, str]] = {schema: {} for schema in schemas}
@@ -238,7 +252,9 @@ def _say_which_columns(cursor, schemas: Sequence[str], states) -> None:
         states[schema].damage = tuple(damage)
 
 
-def _read_logs(cursor, schemas: Sequence[str], states) -> dict[str, list[tuple]]:
+def _read_logs(
+    cursor: Cursor, schemas: Sequence[str], states: dict[str, SchemaState]
+) -> dict[str, list[list[Any]]]:
     selects = [
         sql.SQL("SELECT {}, {} FROM {}").format(
             sql.Literal(schema),
@@ -248,7 +264,7 @@ def _read_logs(cursor, schemas: Sequence[str], states) -> dict[str, list[tuple]]
         for schema in schemas
     ]
     cursor.execute(sql.SQL(" UNION ALL ").join(selects))
-    rows: dict[str, list[tuple]] = {}
+    rows: dict[str, list[list[Any]]] = {}
     for schema, *row in cursor.fetchall():
         rows.setdefault(schema, []).append(row)
     return rows
@@ -268,7 +284,7 @@ def stop_on_signals() -> Iterator[Stop]:
         yield stop
         return
 
-    def handle(signum, frame):
+    def handle(signum: int, frame: FrameType | None) -> None:
         stop.signalled = True
         stop.set()
 
@@ -285,7 +301,7 @@ def stop_on_signals() -> Iterator[Stop]:
 def run_schemas(
     params: Mapping[str, str],
     work: Iterable[SchemaResult],
-    action: Callable[[object, SchemaResult], SchemaResult],
+    action: Callable[[Connection, SchemaResult], SchemaResult],
     *,
     direction: Direction,
     jobs: int,
@@ -332,8 +348,8 @@ def run_schemas(
                 except TenantsError as exc:  # about this schema only: the rest go on
                     result.fail(str(exc))
                 except psycopg2.Error as exc:  # outside any migration: a dropped connection
-                    lost = connection.closed
-                    result.fail(connection_lost(exc) if lost else error_text(exc))
+                    closed = connection.closed
+                    result.fail(connection_lost(exc) if closed else error_text(exc))
                 if connection.closed or connection.info.transaction_status != IDLE:
                     connection.close()  # a session left in an unknown state is not reused:
                     connection = None  # the next schema gets a fresh one
@@ -376,6 +392,8 @@ def settle(params: Mapping[str, str], results: Sequence[SchemaResult]) -> None:
         connection.close()
     for result in results:
         lost, position = result.in_doubt, states[result.schema].log.position
+        if lost is None:
+            continue  # nothing was in doubt
         if position == lost.position:
             result.migrations += lost.migrations
             result.failure, result.in_doubt = None, None

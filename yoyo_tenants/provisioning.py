@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from psycopg2 import errorcodes
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
+from yoyo.migrations import MigrationList
 
 from . import archives, log, logindex, registry
 from .archives import dump_schema
 from .db import connect, server_params
 from .engine import migrate_schema
-from .errors import LockBusy, MigrationFailed, NotReady, SchemaCollision, TenantsError, UsageError
+from .errors import (
+    Failure,
+    LockBusy,
+    MigrationFailed,
+    NotReady,
+    SchemaCollision,
+    TenantsError,
+    UsageError,
+)
 from .loading import load_migrations
 from .log import Log
 from .plan import ApplyPlan, Drift, drift, migration_sql
@@ -21,7 +33,7 @@ from .registry import Tenant
 from .restore import Restored, restore_tenant  # noqa: F401 (the API's names)
 from .results import RunOptions, SchemaResult
 from .server import prepare_run, read_server
-from .session import MessageFailed, Session
+from .session import MessageFailed, Session, Statement
 from .settings import Settings
 
 
@@ -73,7 +85,11 @@ def provision_tenant(
 
 
 def _provision(
-    connection, tenant: Tenant, migrations, options, fleet_at_head: bool | None = None
+    connection: Connection,
+    tenant: Tenant,
+    migrations: MigrationList,
+    options: RunOptions,
+    fleet_at_head: bool | None = None,
 ) -> Provisioned:
     """The registry row, the schema, its log table and every migration in one transaction
     (one message, unless a migration needs a commit or is non-transactional)."""
@@ -91,6 +107,7 @@ def _provision(
         # Nothing ran: the registry row or the schema was refused. Find out why; a registered
         # org is brought up to date.
         return _registered(connection, tenant, migrations, options, result.failure)
+    assert tenant.org_id is not None  # an org's tenant, never public
     if registry.find_tenant(connection.cursor(), tenant.org_id):
         # A non-transactional migration committed the tenant before a later one failed.
         _unregister(connection, tenant, options)
@@ -99,7 +116,7 @@ def _provision(
     raise MigrationFailed(tenant.schema, result.failure)
 
 
-def _check_fleet(connection, migrations) -> None:
+def _check_fleet(connection: Connection, migrations: MigrationList) -> None:
     """Drift (an applied migration's file changed or gone) in the tenant furthest along, which
     has applied the most of the files a new tenant would get."""
     cursor = connection.cursor()
@@ -112,7 +129,13 @@ def _check_fleet(connection, migrations) -> None:
         raise Drift(furthest, problems)
 
 
-def _registered(connection, tenant: Tenant, migrations, options, first_failure) -> Provisioned:
+def _registered(
+    connection: Connection,
+    tenant: Tenant,
+    migrations: MigrationList,
+    options: RunOptions,
+    first_failure: Failure,
+) -> Provisioned:
     """Provisioning an org that is registered already: bring its schema up to date."""
     if not _check_registration(connection.cursor(), tenant):
         raise NotReady(str(first_failure))
@@ -125,7 +148,7 @@ def _registered(connection, tenant: Tenant, migrations, options, first_failure) 
     return Provisioned(tenant, created=False, migrations=result.migrations)
 
 
-def _check_registration(cursor, tenant: Tenant) -> bool:
+def _check_registration(cursor: Cursor, tenant: Tenant) -> bool:
     """Whether `tenant` is registered with its schema (False: it is free to provision); say
     what is in the way when neither."""
     registered_schema, schema_owner, schema_exists = registry.lookup(cursor, tenant)
@@ -151,7 +174,12 @@ def _check_registration(cursor, tenant: Tenant) -> bool:
     return False
 
 
-def _unregister(connection, tenant: Tenant, options, also=()) -> None:
+def _unregister(
+    connection: Connection,
+    tenant: Tenant,
+    options: RunOptions,
+    also: Sequence[Statement] = (),
+) -> None:
     """Drop a tenant's schema and registry row (and run `also`), under its lock, in one
     transaction."""
     session = Session(connection, tenant.schema, options)
@@ -167,7 +195,7 @@ def _unregister(connection, tenant: Tenant, options, also=()) -> None:
         raise TenantsError(str(failed.failure)) from None
 
 
-def _plan(connection, tenant: Tenant, migrations) -> Provisioned:
+def _plan(connection: Connection, tenant: Tenant, migrations: MigrationList) -> Provisioned:
     """What provisioning would do; nothing is written."""
     cursor = connection.cursor()
     registered = _check_registration(cursor, tenant)

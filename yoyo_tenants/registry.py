@@ -12,13 +12,15 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 from pglast import ast, parser
 from pglast.parser import ParseError
 from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
 
-from .db import public_table
+from .db import one_row, public_table
 from .errors import ConfigError, NotReady, UnknownTenant, UsageError
 
 ORG_ID = re.compile(r"org_[A-Za-z0-9]+")
@@ -50,18 +52,18 @@ def schema_for(org_id: str) -> str:
     return SCHEMA_PREFIX + hashlib.sha256(check_org_id(org_id).encode()).hexdigest()[:10]
 
 
-def exists(cursor) -> bool:
+def exists(cursor: Cursor) -> bool:
     """Whether the registry is there (the master migrations make it)."""
     return public_table(cursor, "tenants")
 
 
-def ensure_registry(cursor) -> None:
+def ensure_registry(cursor: Cursor) -> None:
     """Fail clearly when the master migrations (which create the registry) have not run."""
     if not public_table(cursor, "tenants"):
         raise NotReady(REGISTRY_MISSING)
 
 
-def list_tenants(cursor, query: str | None = None) -> list[Tenant]:
+def list_tenants(cursor: Cursor, query: str | None = None) -> list[Tenant]:
     """Every tenant: the registry's, oldest first, or the rows of `query` (the project's
     `tenants-query`: SQL returning tenant id and schema name, in the order to migrate them).
     Every row is checked (see check_tenant_rows) before any is returned."""
@@ -74,7 +76,7 @@ def list_tenants(cursor, query: str | None = None) -> list[Tenant]:
     return check_tenant_rows(read_query(cursor, query, "tenants-query"), "tenants-query")
 
 
-def tenant_of(cursor, org_id: str, query: str | None = None) -> Tenant:
+def tenant_of(cursor: Cursor, org_id: str, query: str | None = None) -> Tenant:
     """The tenant `org_id` names: registered (or, with `query`, among its rows)."""
     if query is None:
         return get_tenant(cursor, org_id)
@@ -96,7 +98,7 @@ MAX_SCHEMA_BYTES = 63
 READ_ONLY_SQL = "BEGIN READ ONLY; SELECT set_config('statement_timeout', %s, true)"
 
 
-def read_query(cursor, query: str, source: str) -> list[tuple]:
+def read_query(cursor: Cursor, query: str, source: str) -> list[tuple[Any, ...]]:
     """The rows of a configured query (`source` names it in errors), run where it can change
     nothing: one SELECT statement, alone in a READ ONLY transaction that is rolled back, with a
     statement timeout. ConfigError (exit 2) if it is not one SELECT or tries to write;
@@ -134,7 +136,7 @@ def _check_one_select(query: str, source: str) -> None:
         raise ConfigError(f"{source} must be one SELECT statement")
 
 
-def check_tenant_rows(rows: Iterable[Sequence], source: str) -> list[Tenant]:
+def check_tenant_rows(rows: Iterable[Sequence[Any]], source: str) -> list[Tenant]:
     """Tenants from rows of (tenant id, schema name), every row checked before any is used:
     two non-empty text values, no tenant id or schema twice, and never a schema that is not a
     tenant's (NOT_TENANTS, pg_*, longer than PostgreSQL keeps). ConfigError (exit 2) naming
@@ -155,7 +157,7 @@ def check_tenant_rows(rows: Iterable[Sequence], source: str) -> list[Tenant]:
     return tenants
 
 
-def _problem(row: Sequence) -> str | None:
+def _problem(row: Sequence[Any]) -> str | None:
     """What makes one row no tenant, if anything."""
     if len(row) != 2:
         return "expected two columns: tenant id, schema name"
@@ -177,12 +179,12 @@ def _problem(row: Sequence) -> str | None:
     return None
 
 
-def _shown(row: Sequence) -> str:
+def _shown(row: Sequence[Any]) -> str:
     text = repr(tuple(row))
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def find_tenant(cursor, org_id: str) -> Tenant | None:
+def find_tenant(cursor: Cursor, org_id: str) -> Tenant | None:
     ensure_registry(cursor)
     cursor.execute(
         "SELECT clerk_org_id, schema_name, status FROM public.tenants WHERE clerk_org_id = %s",
@@ -196,7 +198,7 @@ def find_tenant(cursor, org_id: str) -> Tenant | None:
     return Tenant(*row)
 
 
-def get_tenant(cursor, org_id: str) -> Tenant:
+def get_tenant(cursor: Cursor, org_id: str) -> Tenant:
     """The registered tenant for `org_id`, or UnknownTenant."""
     tenant = find_tenant(cursor, check_org_id(org_id))
     if tenant is None:
@@ -204,7 +206,7 @@ def get_tenant(cursor, org_id: str) -> Tenant:
     return tenant
 
 
-def lookup(cursor, tenant: Tenant) -> tuple[str | None, str | None, bool]:
+def lookup(cursor: Cursor, tenant: Tenant) -> tuple[str | None, str | None, bool]:
     """In one query: the schema registered for tenant.org_id, the org registered for
     tenant.schema, and whether that schema exists."""
     try:
@@ -216,10 +218,11 @@ def lookup(cursor, tenant: Tenant) -> tuple[str | None, str | None, bool]:
         )
     except psycopg2.errors.UndefinedTable:
         raise NotReady(REGISTRY_MISSING) from None
-    return cursor.fetchone()
+    registered_schema, schema_owner, schema_exists = one_row(cursor)
+    return registered_schema, schema_owner, schema_exists
 
 
-def register(cursor, tenant: Tenant) -> None:
+def register(cursor: Cursor, tenant: Tenant) -> None:
     """Insert the registry row and create the schema, in the caller's transaction."""
     for statement in register_sql(tenant):
         cursor.execute(statement)
@@ -235,7 +238,7 @@ def register_sql(tenant: Tenant) -> list[sql.Composed]:
     ]
 
 
-def reregister_sql(schema: str, row: dict, columns: list[str]) -> list[sql.Composed]:
+def reregister_sql(schema: str, row: dict[str, Any], columns: list[str]) -> list[sql.Composed]:
     """The registry row a tenant had (as JSON keys and values), back in `columns` of the
     registry; its schema name is the one it is restored into."""
     values = {**row, "schema_name": schema}

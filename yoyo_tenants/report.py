@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -160,7 +160,7 @@ def run_error(run: RunResult) -> str:
     return f"error: {len(run.failed)} of {plural(len(run.schemas), 'schema')} not done{stopped}"
 
 
-def run_json(run: RunResult) -> dict:
+def run_json(run: RunResult) -> dict[str, Any]:
     return {
         "direction": run.direction,
         "run": run.run,
@@ -190,7 +190,7 @@ def run_json(run: RunResult) -> dict:
     }
 
 
-def write_json(path: str | Path, data: dict) -> None:
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -253,8 +253,12 @@ class _Lines:
             )
 
 
+#: What `progress` gives a run: its `on_start` (start) and its `on_result` (the call).
+RunProgress = _Bar | _Lines
+
+
 @contextmanager
-def progress(console: Console, label: str) -> Iterator[_Bar | _Lines]:
+def progress(console: Console, label: str) -> Iterator[RunProgress]:
     """Progress of a run: pass it as the run's `on_start` (which gives it the total once the run
     has scanned) and its `on_result` (called as each schema ends)."""
     if not console.is_terminal:
@@ -375,7 +379,7 @@ def status_groups(report: Status) -> list[str]:
             lines += _behind(group)
         elif group:
             name = GROUP.get(standing, standing.value)
-            lines.append(f"  {len(group)} {name}: {few([t.org_id for t in group])}")
+            lines.append(f"  {len(group)} {name}: {few([t.org_id or t.schema for t in group])}")
     return lines
 
 
@@ -383,7 +387,7 @@ def _behind(group: list[SchemaStatus]) -> list[str]:
     """Tenants behind, grouped by what they lack, the largest groups first."""
     lacking: dict[tuple[str, ...], list[str]] = {}
     for t in group:
-        lacking.setdefault(tuple(t.pending), []).append(t.org_id)
+        lacking.setdefault(tuple(t.pending), []).append(t.org_id or t.schema)
     ordered = sorted(lacking.items(), key=lambda item: -len(item[1]))
     lines = [
         f"  {len(orgs)} behind by {len(pending)} ({few(pending)}): {few(orgs)}"
@@ -426,8 +430,8 @@ def _status_table(listed: Sequence[SchemaStatus]) -> Table:
     return table
 
 
-def status_json(report: Status) -> dict:
-    def schema(s):
+def status_json(report: Status) -> dict[str, Any]:
+    def schema(s: SchemaStatus) -> dict[str, Any]:
         return {
             "org_id": s.org_id,
             "schema": s.schema,
@@ -483,7 +487,7 @@ def waves_summary(console: Console, run: RunResult) -> None:
     console.print(f"at head: {len(at_head)} of {plural(len(run.schemas), 'tenant')}{listed}")
 
 
-def wave_json(wave: Wave) -> dict:
+def wave_json(wave: Wave) -> dict[str, Any]:
     check = None
     if wave.check is not None:
         check = {

@@ -25,12 +25,16 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 from psycopg2 import errors, sql
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
 
 from . import citus, log, registry
 from .archives import (
+    Contents,
     comment_sql,
     fingerprint,
     read_contents,
@@ -40,7 +44,7 @@ from .archives import (
     refused,
     restore_entries,
 )
-from .db import connect, server_params
+from .db import connect, one_row, server_params
 from .errors import ConnectionFailed, NotReady, SchemaCollision, TenantsError, UsageError
 from .pool import scan
 from .registry import Tenant
@@ -92,7 +96,7 @@ def restore_tenant(
         connection.close()
 
 
-def _check_free(cursor, tenant: Tenant, archive: Path) -> None:
+def _check_free(cursor: Cursor, tenant: Tenant, archive: Path) -> None:
     registered_schema, schema_owner, schema_exists = registry.lookup(cursor, tenant)
     if registered_schema or schema_owner or schema_exists:
         raise SchemaCollision(
@@ -160,7 +164,15 @@ class _Restore:
     """One restore: the schema made for it, the role it runs under (if confined), and the
     undoing of both if anything fails."""
 
-    def __init__(self, connection, params, settings, tenant: Tenant, contents, archive: Path):
+    def __init__(
+        self,
+        connection: Connection,
+        params: Mapping[str, str],
+        settings: Settings,
+        tenant: Tenant,
+        contents: Contents,
+        archive: Path,
+    ) -> None:
         self.connection, self.cursor = connection, connection.cursor()
         self.params, self.settings = params, settings
         self.tenant, self.contents, self.archive = tenant, contents, archive
@@ -169,7 +181,7 @@ class _Restore:
         self.made_schema = self.role_dropped = False
         self.on_citus = citus.installed(self.cursor)
 
-    def run(self, comment: str | None, row: dict, trust_code: bool) -> Restored:
+    def run(self, comment: str | None, row: dict[str, Any], trust_code: bool) -> Restored:
         try:
             self._load(self._confined(trust_code))
             if self.role:
@@ -190,7 +202,7 @@ class _Restore:
         # On Citus a new schema would be distributed as it is made, and Citus cannot then take
         # the identity columns pg_dump adds with ALTER TABLE: it is distributed afterwards.
         local = "SET LOCAL citus.enable_schema_based_sharding TO off; " if self.on_citus else ""
-        authorization = sql.SQL("")
+        authorization: sql.Composable = sql.SQL("")
         if owner is not None:
             authorization = sql.SQL(" AUTHORIZATION {}").format(sql.Identifier(owner))
         try:
@@ -232,7 +244,7 @@ class _Restore:
         self.cursor.execute(
             "SELECT rolsuper, rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
         )
-        superuser, may = self.cursor.fetchone()
+        superuser, may = one_row(self.cursor)
         if not may:
             raise _Unconfined(f"making it takes CREATEROLE: ALTER ROLE {user} CREATEROLE")
         role, password = f"yoyo_tenants_restore_{secrets.token_hex(6)}", secrets.token_hex(24)
@@ -289,7 +301,7 @@ class _Restore:
         if problems:
             raise refused(self.archive, f"its log is damaged: {'; '.join(problems)}")
 
-    def _finish(self, comment: str | None, row: dict) -> None:
+    def _finish(self, comment: str | None, row: dict[str, Any]) -> None:
         """The schema, now the user's; the role gone; its comment as it was; then its registry
         row (once distributed, on Citus)."""
         statements = [comment_sql(self.tenant.schema, comment)]
@@ -347,7 +359,7 @@ def _scram_verifier(password: str) -> str:
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server)}"
 
 
-def _columns(cursor) -> list[str]:
+def _columns(cursor: Cursor) -> list[str]:
     """The registry's columns a row can be given (not an identity or generated one)."""
     cursor.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public' "

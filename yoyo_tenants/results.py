@@ -126,7 +126,7 @@ class SchemaResult:
             return Outcome.NOT_STARTED
         return Outcome.DONE if self.migrations else Outcome.UP_TO_DATE
 
-    def fail(self, message: str, **fields) -> None:
+    def fail(self, message: str, **fields: Any) -> None:
         self.failure = Failure(message, **fields)
 
 
@@ -135,7 +135,9 @@ class ConnectionLost(Exception):
     of the transaction stays; if it did, whether it landed is for the log to tell: it did if
     the log has reached `position`, with `migrations` applied (or rolled back)."""
 
-    def __init__(self, reason: str, committing: bool, start: int, position: int, migrations):
+    def __init__(
+        self, reason: str, committing: bool, start: int, position: int, migrations: list[str]
+    ) -> None:
         super().__init__(reason)
         self.reason, self.committing = reason, committing
         self.start, self.position, self.migrations = start, position, migrations

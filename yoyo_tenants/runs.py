@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 
 from psycopg2 import errors, sql
+from psycopg2.extensions import cursor as Cursor
 
-from .db import public_table
+from .db import one_row, public_table
 from .log import log_identity
 
 TABLE = sql.Identifier("public", "yoyo_tenants_runs")
@@ -31,16 +32,16 @@ START_SQL = sql.SQL(
 LATEST_SQL = sql.SQL("SELECT id FROM {runs} WHERE command = %s ORDER BY id DESC").format(runs=TABLE)
 
 
-def start(cursor, command: str) -> int:
+def start(cursor: Cursor, command: str) -> int:
     """Register a run of `command` (making the runs table the first time); its id."""
     if not public_table(cursor, "yoyo_tenants_runs"):
         with contextlib.suppress(errors.UniqueViolation):  # another run made it a moment ago
             cursor.execute(CREATE_SQL)
     cursor.execute(START_SQL, {"command": command, **log_identity()})
-    return cursor.fetchone()[0]
+    return one_row(cursor)[0]
 
 
-def of_command(cursor, command: str) -> list[int]:
+def of_command(cursor: Cursor, command: str) -> list[int]:
     """The runs of `command`, newest first ([] when no run was ever registered)."""
     if not public_table(cursor, "yoyo_tenants_runs"):
         return []

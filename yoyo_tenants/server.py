@@ -11,6 +11,7 @@ from psycopg2.extensions import connection as Connection
 from yoyo.migrations import MigrationList
 
 from . import logindex
+from .db import one_row
 from .errors import NotReady
 from .results import RunOptions
 
@@ -52,11 +53,11 @@ def read_server(connection: Connection, fleet: MigrationList | None = None) -> S
         )
         try:
             cursor.execute(query)
-            return ServerState(*cursor.fetchone())
+            return ServerState(*one_row(cursor))
         except (errors.UndefinedTable, errors.InsufficientPrivilege):
             pass  # no index yet (a first run), or not readable: then nobody can say
     cursor.execute(STATE_SQL)
-    return ServerState(*cursor.fetchone())
+    return ServerState(*one_row(cursor))
 
 
 def prepare_run(

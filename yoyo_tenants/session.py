@@ -18,7 +18,7 @@ from psycopg2.extensions import connection as Connection
 from yoyo.migrations import Migration
 
 from . import log, logindex
-from .db import connection_lost, failure_from, iso_dates
+from .db import connection_lost, failure_from, iso_dates, one_row
 from .errors import Failure, LogDamaged, TenantsError
 from .log import Log, migration_checksum
 from .messages import SEPARATOR, Part, Sender, SendFailed, policy_for
@@ -100,7 +100,9 @@ class Session:
     COMMIT = sql.SQL(COMMIT)
     ROLLBACK = sql.SQL("ROLLBACK")
 
-    def __init__(self, connection: Connection, schema: str, options: RunOptions, atomic=False):
+    def __init__(
+        self, connection: Connection, schema: str, options: RunOptions, atomic: bool = False
+    ) -> None:
         self.connection = connection
         self.cursor = connection.cursor()
         self.schema = schema
@@ -117,7 +119,8 @@ class Session:
         self.open = False
         #: The log as the transaction found it, its position then, and the batch its rows
         #: record.
-        self.base, self.start, self._batch = Log([]), 0, None
+        self.base, self.start = Log([]), 0
+        self._batch: int | None = None
         #: What this transaction logs, in order: each entry is one log row, numbered on from
         #: `start`. A migration is in it from the moment its savepoint is queued.
         self.ran: list[tuple[Migration, str]] = []
@@ -163,8 +166,8 @@ class Session:
         assert self.open
         self._send(log.layout_sql([self.schema]))
         self._flush()
-        found = self.cursor.fetchone()  # no row: no such schema (making its log will say so)
-        layout = log.Layout(*found[1:]) if found else log.Layout(False, False, False)
+        row = self.cursor.fetchone()  # no row: no such schema (making its log will say so)
+        layout = log.Layout(*row[1:]) if row else log.Layout(False, False, False)
         if layout.old and not create:
             self._send(log.old_rows_sql(self.schema))
         elif not layout.exists and not create:
@@ -325,7 +328,7 @@ class Session:
             return MessageFailed(_failure_in(exc, migration, parts, user))
         try:
             self.cursor.execute(self.UNDO_MIGRATION.format(log=self.log_table))
-            completed = self.cursor.fetchone()[0] - self.start
+            completed = one_row(self.cursor)[0] - self.start
         except psycopg2.Error:  # no migration was running: the transaction goes
             self.rollback()
             return MessageFailed(failure_from(exc, user=user))
@@ -401,7 +404,9 @@ def step_direction(operation: str) -> str:
 GUARDS = (SESSION_MOVED, STRINGS_CHANGED)
 
 
-def _failure_in(exc: psycopg2.Error, migration: Migration | None, parts, user) -> Failure:
+def _failure_in(
+    exc: psycopg2.Error, migration: Migration | None, parts: Sequence[Part], user: str
+) -> Failure:
     """The failure of `migration`, with the file and line where PostgreSQL gives a position."""
     if migration is None:
         return failure_from(exc, user=user)

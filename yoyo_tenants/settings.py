@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, overload
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -281,16 +282,25 @@ def project_config(root: Path) -> tuple[Path, Path, str | None]:
     return master_dir, tenant_dir, None if query is None else query.strip()
 
 
-def deploy_config(root: Path) -> dict[str, object]:
+class Deploy(TypedDict):
+    """The Settings fields deploy_config reads."""
+
+    canary_tenants: tuple[str, ...] | str | None
+    lint_exclude: tuple[str, ...]
+    lint_include: tuple[str, ...]
+
+
+def deploy_config(root: Path) -> Deploy:
     """The Settings fields of a safe deploy (canary tenants, lint rules) from
     `[tool.yoyo-tenants]`; every key is optional (project_config checks for unknown ones)."""
     table = _yoyo_tenants_table(root / "pyproject.toml")
-    canaries = table.get("canary-tenants")
-    if isinstance(canaries, str):
-        canaries = _string(table, "canary-tenants", None).strip()
+    given = table.get("canary-tenants")
+    canaries: tuple[str, ...] | str | None = None
+    if isinstance(given, str):
+        canaries = _string(table, "canary-tenants", given).strip()
         if not canaries:
             raise ConfigError(f"{_TABLE} canary-tenants is empty")
-    elif canaries is not None:
+    elif given is not None:
         canaries = _names(table, "canary-tenants", "a query or a list of org ids")
         if not canaries:
             raise ConfigError(f"{_TABLE} canary-tenants is empty")
@@ -319,7 +329,7 @@ def _names(table: Mapping[str, object], key: str, what: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value)
 
 
-def _yoyo_tenants_table(path: Path) -> dict:
+def _yoyo_tenants_table(path: Path) -> dict[str, object]:
     try:
         text = path.read_bytes().decode()
     except FileNotFoundError:
@@ -338,6 +348,10 @@ def _yoyo_tenants_table(path: Path) -> dict:
     return table
 
 
+@overload
+def _string(table: Mapping[str, object], key: str, default: str) -> str: ...
+@overload
+def _string(table: Mapping[str, object], key: str, default: None) -> str | None: ...
 def _string(table: Mapping[str, object], key: str, default: str | None) -> str | None:
     value = table.get(key, default)
     if value is not None and not isinstance(value, str):

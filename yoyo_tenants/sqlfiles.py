@@ -190,6 +190,8 @@ def parse(text: str) -> tuple[list[Parsed], dict[int, tuple[int, int, int]]]:
     done = 0
     while done < len(text):
         rest = text[done:]
+        raw: Sequence[ast.RawStmt]
+        failed: parser.ParseError | None
         try:
             raw, failed = parser.parse_sql(rest), None
         except parser.ParseError as exc:
@@ -197,10 +199,13 @@ def parse(text: str) -> tuple[list[Parsed], dict[int, tuple[int, int, int]]]:
             raw, failed = _complete_before(rest, exc.args[1]), exc
         copy = None
         for statement in raw:
-            start = done + statement.stmt_location
+            # pglast types every field as optional; the parser's statements have them all.
+            start = done + (statement.stmt_location or 0)
             end = start + statement.stmt_len if statement.stmt_len else len(text)
-            statements.append((start, end, statement.stmt))
-            if _copy_from_stdin(statement.stmt):
+            node = statement.stmt
+            assert node is not None
+            statements.append((start, end, node))
+            if _copy_from_stdin(node):
                 copy = (start, end)
                 break
         if copy is None:
@@ -219,7 +224,7 @@ def _complete_before(text: str, location: int) -> Sequence[ast.RawStmt]:
     return parser.parse_sql(text[: ends[-1] + 1]) if ends else ()
 
 
-def _read_copy_data(text: str, start: int, end: int, data: dict) -> int:
+def _read_copy_data(text: str, start: int, end: int, data: dict[int, tuple[int, int, int]]) -> int:
     """Note the data of the COPY at start:end; returns where the SQL goes on after it."""
     semicolon = text.find(";", end)
     if semicolon < 0:  # the file's last statement: no data
@@ -260,7 +265,7 @@ def drops_table(script: Script, schema: str, table: str) -> bool:
     """Whether `script` drops `schema`.`table` (named as such, or unqualified)."""
     for _, _, node in parse(script.text)[0]:
         if isinstance(node, ast.DropStmt) and node.removeType == ObjectType.OBJECT_TABLE:
-            names = [[part.sval for part in name] for name in node.objects]
+            names = [[part.sval for part in name] for name in node.objects or ()]
             if [schema, table] in names or [table] in names:
                 return True
     return False
@@ -296,6 +301,7 @@ def _problem(
         return None, WRAPPED
     for start, end, node in parsed:
         if transactional and isinstance(node, ast.TransactionStmt):
+            assert node.kind is not None  # the parser always sets it
             return start, TRANSACTION_ADVICE[node.kind]
         if transactional and (name := outside_transaction(node)):
             return start, (
@@ -388,7 +394,7 @@ def _wrapped(parsed: Sequence[Parsed]) -> bool:
     )
 
 
-def _session_change(node, statement: str, public: bool) -> str | None:
+def _session_change(node: ast.Node, statement: str, public: bool) -> str | None:
     """What is wrong with a statement that changes where or as whom the migration runs."""
     if isinstance(node, ast.DiscardStmt):
         return "DISCARD would drop the session's state, the schema's search path too: remove it"
@@ -408,22 +414,23 @@ def _session_change(node, statement: str, public: bool) -> str | None:
     # A statement's text can only call set_config by spelling its name, or with a U& escape.
     lowered = statement.lower()
     if "set_config" in lowered or "u&" in lowered:
-        for name, value, local in _set_config_calls(node):
-            if name is None:
+        for setting, value, local in _set_config_calls(node):
+            if setting is None:
                 return "set_config with a setting name computed at run time: name it literally"
-            if name == STRINGS and not _on(value):
+            if setting == STRINGS and not _on(value):
                 return STRINGS_ADVICE
-            if name in SESSION_SETTINGS:
-                return _setting_advice(name, local, public, f"set_config('{name}', ...)")
+            if setting in SESSION_SETTINGS:
+                return _setting_advice(setting, local, public, f"set_config('{setting}', ...)")
     return None
 
 
 def _is_on(node: ast.VariableSetStmt) -> bool:
     """Whether SET gives the setting the one value 'on'."""
-    return len(node.args or ()) == 1 and _on(node.args[0])
+    args = node.args or ()
+    return len(args) == 1 and _on(args[0])
 
 
-def _on(node) -> bool:
+def _on(node: object) -> bool:
     value = _constant(node)
     return value is True or (isinstance(value, str) and value.lower() in ("on", "true", "yes", "1"))
 
@@ -448,26 +455,27 @@ def _setting_advice(name: str, local: bool, public: bool, what: str) -> str | No
     )
 
 
-def _set_config_calls(node) -> list[tuple[str | None, object, bool]]:
+def _set_config_calls(node: ast.Node) -> list[tuple[str | None, object, bool]]:
     """(setting name, value node, is_local) of each set_config call in `node`; the name is None
     where it is not a constant."""
-    calls = []
+    calls: list[tuple[str | None, object, bool]] = []
 
     class Calls(visitors.Visitor):
-        def visit_FuncCall(self, ancestors, call):
-            if call.funcname[-1].sval.lower() != "set_config" or len(call.args or ()) != 3:
+        def visit_FuncCall(self, ancestors: visitors.Ancestor, call: ast.FuncCall) -> None:
+            funcname, args = call.funcname or (), call.args or ()
+            if funcname[-1].sval.lower() != "set_config" or len(args) != 3:
                 return
-            name_arg, value, local_arg = call.args
-            name = _constant(name_arg)
+            name_arg, value, local_arg = args
+            constant = _constant(name_arg)
             local = _constant(local_arg)
-            name = name.lower() if isinstance(name, str) else None
+            name = constant.lower() if isinstance(constant, str) else None
             calls.append((name, value, local is True or local == "t"))
 
     Calls()(node)
     return calls
 
 
-def _constant(node):
+def _constant(node: object) -> str | bool | None:
     """The value of a constant argument (a string, a boolean), or None."""
     if isinstance(node, ast.TypeCast):
         node = node.arg

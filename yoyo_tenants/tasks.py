@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, overload
 
 import psycopg2
-from invoke import Collection, Program, Task, task
+from invoke import Collection, Context, Program, Task, task
 from invoke.exceptions import Exit, ParseError
 from invoke.parser import Argument
 from rich.console import Console
@@ -20,6 +22,7 @@ from rich.console import Console
 from . import commands, embedded, inspection, provisioning, registry, report
 from .db import error_text
 from .errors import TenantsError, UnknownTenant, UsageError
+from .pool import RunResult
 from .settings import Settings
 
 # markup off: migration SQL is full of [brackets] that rich would take for styles.
@@ -72,15 +75,11 @@ SHORT = {
     "all": "a",
 }
 #: The options that take a number, and which kind (seconds may have decimals).
-NUMBERS = {
-    "jobs": int,
-    "steps": int,
-    "run": int,
-    "retries": int,
-    "lock_wait": float,
-    "lock_timeout": float,
-    "statement_timeout": float,
-    "wave_pause": float,
+Count = Literal["jobs", "steps", "run", "retries"]
+Seconds = Literal["lock_wait", "lock_timeout", "statement_timeout", "wave_pause"]
+NUMBERS: dict[str, type[int] | type[float]] = {
+    **dict.fromkeys(get_args(Count), int),
+    **dict.fromkeys(get_args(Seconds), float),
 }
 
 
@@ -96,17 +95,17 @@ class _Number(_Option):
     convert it while parsing and end a mistyped one in a traceback; the task checks it instead
     (see _number). Seconds show as INT too, the only number invoke's help knows."""
 
-    def set_value(self, value, cast: bool = True) -> None:
+    def set_value(self, value: object, cast: bool = True) -> None:
         super().set_value(value, cast=False)
 
 
 class Command(Task):
     """invoke's Task with this project's flags: SHORT's short flags only, NUMBERS as numbers."""
 
-    def __init__(self, body, **kwargs):
+    def __init__(self, body: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(body, auto_shortflags=False, **kwargs)
 
-    def get_arguments(self, ignore_unknown_help=None) -> list[Argument]:
+    def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Argument]:
         return [_option(arg) for arg in super().get_arguments(ignore_unknown_help)]
 
 
@@ -124,15 +123,23 @@ def _option(arg: Argument) -> _Option:
     )
 
 
-#: @task for this project's tasks (see Command).
-command = functools.partial(task, klass=Command)
+@overload
+def command(body: Callable[..., Any], /) -> Command: ...
+@overload
+def command(*, help: dict[str, str]) -> Callable[[Callable[..., Any]], Command]: ...
+def command(*args: Any, **kwargs: Any) -> Command | Callable[[Callable[..., Any]], Command]:
+    """@task for this project's tasks (see Command)."""
+    return task(*args, klass=Command, **kwargs)
 
 
-def edge(function):
+Result = TypeVar("Result")
+
+
+def edge(function: Callable[..., Result]) -> Callable[..., Result]:
     """Turn the package's errors into a message on stderr and an exit code, never a traceback."""
 
     @functools.wraps(function)
-    def wrapper(c, *args, **kwargs):
+    def wrapper(c: Context, *args: Any, **kwargs: Any) -> Result:
         try:
             return function(c, *args, **kwargs)
         except TenantsError as exc:
@@ -147,7 +154,11 @@ def _settings() -> Settings:
     return Settings.load(".")
 
 
-def _number(value, name: str):
+@overload
+def _number(value: str | None, name: Count) -> int | None: ...
+@overload
+def _number(value: str | None, name: Seconds) -> float | None: ...
+def _number(value: str | None, name: str) -> float | None:
     """A number option's value (typed as text; see _Number), or None if it was not given."""
     if value is None:
         return None
@@ -161,7 +172,7 @@ def _number(value, name: str):
     return number
 
 
-def _jobs(value) -> int:
+def _jobs(value: str | None) -> int:
     jobs = _number(value, "jobs")
     if jobs is None:
         return commands.DEFAULT_JOBS
@@ -178,7 +189,14 @@ def _detail(quiet: bool, verbose: bool) -> report.Detail:
     return report.Detail.ALL if verbose else report.Detail.CHANGES
 
 
-def _run_options(lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run):
+def _run_options(
+    lock_wait: str | None,
+    lock_timeout: str | None,
+    statement_timeout: str | None,
+    retries: str | None,
+    allow_drift: bool,
+    dry_run: bool,
+) -> dict[str, Any]:
     return {
         "lock_wait": _number(lock_wait, "lock_wait"),
         "lock_timeout": _number(lock_timeout, "lock_timeout"),
@@ -189,7 +207,9 @@ def _run_options(lock_wait, lock_timeout, statement_timeout, retries, allow_drif
     }
 
 
-def _starting(progress, direction: str, jobs: int, detail: report.Detail):
+def _starting(
+    progress: report.RunProgress, direction: str, jobs: int, detail: report.Detail
+) -> commands.OnStart:
     """A run's on_start: the header line (unless quiet), and the progress's total."""
 
     def start(work: int, total: int) -> None:
@@ -211,7 +231,9 @@ def _writable(path: str | None) -> str | None:
     return path
 
 
-def _finish(run, what: str, json_file: str | None, detail=report.Detail.CHANGES) -> None:
+def _finish(
+    run: RunResult, what: str, json_file: str | None, detail: report.Detail = report.Detail.CHANGES
+) -> None:
     if run.dry_run:
         report.dry_run(out, run)
     else:
@@ -230,9 +252,10 @@ def _help(*names: str) -> dict[str, str]:
 
 @command(help=_help("lint", *APPLY_FLAGS))
 @edge
-def migrate_master(c, lint=False, lock_wait=None, lock_timeout=None, statement_timeout=None,
-                   retries=None, allow_drift=False, dry_run=False,
-                   repair_invalid_indexes=False):  # fmt: skip
+def migrate_master(c: Context, lint: bool = False, lock_wait: str | None = None,
+                   lock_timeout: str | None = None, statement_timeout: str | None = None,
+                   retries: str | None = None, allow_drift: bool = False, dry_run: bool = False,
+                   repair_invalid_indexes: bool = False) -> None:  # fmt: skip
     """Apply pending master migrations (migrations/master) to the public schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
@@ -248,23 +271,27 @@ def migrate_master(c, lint=False, lock_wait=None, lock_timeout=None, statement_t
                "wave_pause", "wave_check", *APPLY_FLAGS)
 )  # fmt: skip
 @edge
-def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, quiet=False, verbose=False,
-                    json=None, lint=False, waves=None, wave_pause=None, wave_check=None,
-                    lock_wait=None, lock_timeout=None, statement_timeout=None, retries=None,
-                    allow_drift=False, dry_run=False, repair_invalid_indexes=False):  # fmt: skip
+def migrate_tenants(c: Context, tenant: str | None = None, jobs: str | None = None,
+                    fail_fast: bool = False, quiet: bool = False, verbose: bool = False,
+                    json: str | None = None, lint: bool = False, waves: str | None = None,
+                    wave_pause: str | None = None, wave_check: str | None = None,
+                    lock_wait: str | None = None, lock_timeout: str | None = None,
+                    statement_timeout: str | None = None, retries: str | None = None,
+                    allow_drift: bool = False, dry_run: bool = False,
+                    repair_invalid_indexes: bool = False) -> None:  # fmt: skip
     """Apply pending tenant migrations (migrations/tenant) to every tenant schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
     options["repair_invalid_indexes"] = repair_invalid_indexes
-    jobs, detail, json = _jobs(jobs), _detail(quiet, verbose), _writable(json)
+    workers, detail, json = _jobs(jobs), _detail(quiet, verbose), _writable(json)
     with report.progress(out, "tenants") as progress:
         run = commands.migrate_tenants(
             _settings(),
             tenant=tenant,
-            jobs=jobs,
+            jobs=workers,
             fail_fast=fail_fast,
-            on_start=_starting(progress, "apply", jobs, detail),
+            on_start=_starting(progress, "apply", workers, detail),
             on_result=progress,
             lint=lint,
             waves=waves,
@@ -278,9 +305,11 @@ def migrate_tenants(c, tenant=None, jobs=None, fail_fast=False, quiet=False, ver
 
 @command(help=_help("steps", "to", "run", "yes", *RUN_FLAGS))
 @edge
-def rollback_master(c, steps=None, to=None, run=None, yes=False, lock_wait=None,
-                    lock_timeout=None, statement_timeout=None, retries=None, allow_drift=False,
-                    dry_run=False):  # fmt: skip
+def rollback_master(c: Context, steps: str | None = None, to: str | None = None,
+                    run: str | None = None, yes: bool = False, lock_wait: str | None = None,
+                    lock_timeout: str | None = None, statement_timeout: str | None = None,
+                    retries: str | None = None, allow_drift: bool = False,
+                    dry_run: bool = False) -> None:  # fmt: skip
     """Undo what the last migrate-master run applied to the public schema."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
@@ -297,27 +326,30 @@ def rollback_master(c, steps=None, to=None, run=None, yes=False, lock_wait=None,
                "json", *RUN_FLAGS)
 )  # fmt: skip
 @edge
-def rollback_tenants(c, tenant=None, steps=None, to=None, run=None, yes=False, jobs=None,
-                     fail_fast=False, quiet=False, verbose=False, json=None, lock_wait=None,
-                     lock_timeout=None, statement_timeout=None, retries=None, allow_drift=False,
-                     dry_run=False):  # fmt: skip
+def rollback_tenants(c: Context, tenant: str | None = None, steps: str | None = None,
+                     to: str | None = None, run: str | None = None, yes: bool = False,
+                     jobs: str | None = None, fail_fast: bool = False, quiet: bool = False,
+                     verbose: bool = False, json: str | None = None, lock_wait: str | None = None,
+                     lock_timeout: str | None = None, statement_timeout: str | None = None,
+                     retries: str | None = None, allow_drift: bool = False,
+                     dry_run: bool = False) -> None:  # fmt: skip
     """Undo the last deploy: what the most recent migrate-tenants run applied, in each tenant."""
     options = _run_options(
         lock_wait, lock_timeout, statement_timeout, retries, allow_drift, dry_run
     )
-    steps, run, jobs = _number(steps, "steps"), _number(run, "run"), _jobs(jobs)
+    step_count, run_number, workers = _number(steps, "steps"), _number(run, "run"), _jobs(jobs)
     detail, json = _detail(quiet, verbose), _writable(json)
     with report.progress(out, "tenants") as progress:
         result = commands.rollback_tenants(
             _settings(),
             tenant=tenant,
-            steps=steps,
+            steps=step_count,
             to=to,
-            run=run,
+            run=run_number,
             yes=yes,
-            jobs=jobs,
+            jobs=workers,
             fail_fast=fail_fast,
-            on_start=_starting(progress, "rollback", jobs, detail),
+            on_start=_starting(progress, "rollback", workers, detail),
             on_result=progress,
             **options,
         )
@@ -333,7 +365,9 @@ def rollback_tenants(c, tenant=None, steps=None, to=None, run=None, yes=False, j
     }
 )
 @edge
-def provision_tenant(c, org_id, dry_run=False, allow_drift=False, lint=False):
+def provision_tenant(
+    c: Context, org_id: str, dry_run: bool = False, allow_drift: bool = False, lint: bool = False
+) -> None:
     """Register an organization, create its schema and apply every tenant migration."""
     done = provisioning.provision_tenant(
         _settings(), org_id, dry_run=dry_run, allow_drift=allow_drift, lint=lint
@@ -349,7 +383,9 @@ def provision_tenant(c, org_id, dry_run=False, allow_drift=False, lint=False):
     }
 )
 @edge
-def deprovision_tenant(c, org_id, yes=False, archive=None):
+def deprovision_tenant(
+    c: Context, org_id: str, yes: bool = False, archive: str | None = None
+) -> None:
     """Drop a tenant's schema and registry row, in one transaction (only with --yes)."""
     result = provisioning.deprovision_tenant(_settings(), org_id, yes=yes, archive=archive)
     report.deprovisioned(out, result)
@@ -364,7 +400,7 @@ def deprovision_tenant(c, org_id, yes=False, archive=None):
     }
 )
 @edge
-def move_tenant(c, org_id, to):
+def move_tenant(c: Context, org_id: str, to: str) -> None:
     """Citus: move a tenant's schema to another worker, online, under the schema's lock."""
     was, now = commands.move_tenant(_settings(), org_id, to)
     out.print(f"{org_id}: on {now}" + (f" (was on {was})" if was != now else " already"))
@@ -380,7 +416,9 @@ def move_tenant(c, org_id, to):
     }
 )
 @edge
-def restore_tenant(c, archive, unrecorded=False, trust_code=False):
+def restore_tenant(
+    c: Context, archive: str, unrecorded: bool = False, trust_code: bool = False
+) -> None:
     """Bring back a tenant archived by deprovisioning: its schema, data and registry row."""
     done = provisioning.restore_tenant(
         _settings(), archive, unrecorded=unrecorded, trust_code=trust_code
@@ -396,7 +434,9 @@ def restore_tenant(c, archive, unrecorded=False, trust_code=False):
     }
 )
 @edge
-def repair(c, migration=None, forget_missing=False, dry_run=False):
+def repair(
+    c: Context, migration: str | None = None, forget_missing: bool = False, dry_run: bool = False
+) -> None:
     """Accept edits to applied migrations: record their files' checksums as they are now."""
     run = commands.repair(
         _settings(), migration=migration, forget_missing=forget_missing, dry_run=dry_run
@@ -408,7 +448,7 @@ def repair(c, migration=None, forget_missing=False, dry_run=False):
 
 @command(help={"name": "what the migration does, e.g. add_column", "py": "a Python migration"})
 @edge
-def make_master(c, name, py=False):
+def make_master(c: Context, name: str, py: bool = False) -> None:
     """Create a new master migration in migrations/master and print its path."""
     for path in commands.make_migration(_settings(), "master", name, py=py):
         out.print(str(path))
@@ -416,7 +456,7 @@ def make_master(c, name, py=False):
 
 @command(help={"name": "what the migration does, e.g. add_column", "py": "a Python migration"})
 @edge
-def make_tenant(c, name, py=False):
+def make_tenant(c: Context, name: str, py: bool = False) -> None:
     """Create a new tenant migration in migrations/tenant and print its path."""
     for path in commands.make_migration(_settings(), "tenant", name, py=py):
         out.print(str(path))
@@ -430,7 +470,9 @@ def make_tenant(c, name, py=False):
     }
 )
 @edge
-def status(c, all=False, tenant=None, json=None):
+def status(
+    c: Context, all: bool = False, tenant: str | None = None, json: str | None = None
+) -> None:
     """Applied and pending migrations of public and of every tenant, grouped by where they stand."""
     if all and tenant is not None:
         raise UsageError("give one of --all and --tenant")
@@ -449,7 +491,7 @@ def status(c, all=False, tenant=None, json=None):
 
 @command
 @edge
-def verify(c):
+def verify(c: Context) -> None:
     """Check public and every tenant against the migration files and registry (exit 1 if not)."""
     problems = inspection.verify(_settings())
     for problem in problems:
@@ -466,7 +508,7 @@ def verify(c):
     }
 )
 @edge
-def lint(c, all=False, files=None):
+def lint(c: Context, all: bool = False, files: str | None = None) -> None:
     """Lint the pending migration files with squawk; each finding weighed across the tenants."""
     names = [name.strip() for name in (files or "").split(",") if name.strip()]
     if files is not None and not names:
@@ -482,7 +524,7 @@ def lint(c, all=False, files=None):
 
 @command(help={"stop": "stop the embedded server", "reset": "stop it and delete its data"})
 @edge
-def db(c, stop=False, reset=False):
+def db(c: Context, stop: bool = False, reset: bool = False) -> None:
     """Show how to reach the embedded database (psql), or stop or reset it."""
     settings = _settings()
     if not settings.embedded:
@@ -518,7 +560,7 @@ ns = Collection(
 
 
 @command
-def version(c):
+def version(c: Context) -> None:
     """Print yoyo-tenants' version (invoke --version prints invoke's own, before tasks load)."""
     from . import __version__
 

@@ -16,12 +16,15 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from psycopg2.extensions import cursor as Cursor
 
 from . import registry
 from .errors import ConfigError, UsageError
 from .pool import NOT_DONE, RunResult, stop_on_signals
 from .registry import Tenant
-from .results import SchemaResult
+from .results import Direction, SchemaResult
 from .settings import Settings
 
 #: What a --wave-check command is told: the wave's number, its tenants' org ids and schemas
@@ -73,7 +76,10 @@ def parse(text: str) -> tuple[Size, ...]:
     return tuple(sizes)
 
 
-def _number(value: str, text: str, kind):
+Number = TypeVar("Number", int, float)
+
+
+def _number(value: str, text: str, kind: Callable[[str], Number]) -> Number:
     try:
         number = kind(value)
     except ValueError:
@@ -161,7 +167,7 @@ class Rollout:
             raise UsageError("--wave-check is empty")
         return cls(parse(waves), settings.canary_tenants, pause, check, settings.root, on_wave)
 
-    def order(self, cursor, tenants: list[Tenant], query: str | None) -> list[Tenant]:
+    def order(self, cursor: Cursor, tenants: list[Tenant], query: str | None) -> list[Tenant]:
         """`tenants` with the canaries first (in the order they are named), the rest in theirs.
         ConfigError if a canary is not one of them: the run would start somewhere unplanned."""
         if self.canaries is None:
@@ -189,7 +195,8 @@ class Rollout:
         """The waves of `work` (the tenants with something to do, in order); `fleet`, the
         number of all tenants, is what percentages are of. A wave that would add no tenant
         is left out."""
-        waves, start = [], 0
+        waves: list[Wave] = []
+        start = 0
         for size in self.sizes:
             end = len(work) if size.text == ALL else min(len(work), max(start, size.reach(fleet)))
             if end > start:
@@ -200,7 +207,7 @@ class Rollout:
     def run(self, waves: list[Wave], run_wave: RunWave, run: int | None) -> RunResult:
         """Run `waves` one after the other; stop at the first with a failure, or whose check
         failed, and leave the rest not started."""
-        done = RunResult("apply")
+        done = RunResult(Direction.APPLY)
         with stop_on_signals() as stop:  # between waves: in a wave, run_schemas has its own
             for wave in waves:
                 wave.started = True
@@ -212,7 +219,7 @@ class Rollout:
                 if more and self.pause:
                     stop.wait(self.pause)
                 if more and self.check and not stop.is_set():
-                    wave.check = self._check(wave, run)
+                    wave.check = self._check(self.check, wave, run)
                 done.interrupted |= stop.signalled
                 if self.on_wave:
                     self.on_wave(wave, len(waves))
@@ -220,14 +227,15 @@ class Rollout:
                     break
         for wave in waves:
             if not wave.started:
-                for result in wave.results:
-                    result.skipped = True
+                for schema in wave.results:
+                    schema.skipped = True
         done.schemas = [r for wave in waves for r in wave.results]
         done.waves = waves
         return done
 
-    def _check(self, wave: Wave, run: int | None) -> Check:
-        """Run the app's check on the wave just done, with its tenants in the environment."""
+    def _check(self, command: str, wave: Wave, run: int | None) -> Check:
+        """Run the app's check (`command`) on the wave just done, with its tenants in the
+        environment."""
         env = {
             **os.environ,
             WAVE_ENV: str(wave.number),
@@ -236,7 +244,7 @@ class Rollout:
             RUN_ENV: "" if run is None else str(run),
         }
         try:
-            done = subprocess.run(self.check, shell=True, cwd=self.root, env=env)
+            done = subprocess.run(command, shell=True, cwd=self.root, env=env)
         except OSError as exc:  # the environment is too large for the system, say
-            return Check(self.check, None, exc.strerror)
-        return Check(self.check, done.returncode)
+            return Check(command, None, exc.strerror)
+        return Check(command, done.returncode)
