@@ -8,10 +8,10 @@ Registered as yoyo's ``postgresql+tenant`` scheme, so plain yoyo works on one te
 yoyo decides what to do (its own reading of the files, its prompts); every migration, mark and
 log row goes through the same engine as the invoke tasks (engine.py): a migration and its log row
 commit together under the schema's advisory lock, with the search path set for that transaction
-only. It also closes yoyo's traps for many schemas (see shared/YOYO-NOTES.md): the schema must be
-named and is quoted, a schema that does not exist is an error rather than a fall-through to
-public, reads write nothing (yoyo's own tables are read as they are, never converted), and there
-is no lock table (a session advisory lock dies with its session).
+only. It also closes yoyo's traps for many schemas: the schema must be named and is quoted, a
+schema that does not exist is an error rather than a fall-through to public, reads write nothing
+(yoyo's own tables are read as they are, never converted), and there is no lock table (a session
+advisory lock dies with its session).
 """
 
 from __future__ import annotations

@@ -48,7 +48,12 @@ class SqlMigration(Migration):
         self.rollback_script = read_script(rollback, self.public) if rollback.exists() else None
         self.source = self.script.text
         self.use_transactions = self.script.transactional
-        self.steps: list[object] = []  # see process_steps
+
+    @property
+    def loaded(self) -> bool:
+        """Read once its script is (yoyo's own test is whether it has steps, which this has
+        none of: see process_steps)."""
+        return self.script is not None
 
     @property
     def depends(self) -> set[Migration]:
