@@ -56,15 +56,17 @@ UNLINK_SQL = sql.SQL(
 ).format(heads=TABLE)
 #: The rows still describing the log they name: the same table, named _yoyo_log, in that schema,
 #: with every column a run reads and writes, and this user allowed to (the schema and the
-#: table). Any other schema's log is read whole (and, if it cannot be, reported by name). The
-#: schema is compared by a lookup, not a join: without statistics on the index (autovacuum off
-#: or not yet run) the planner expected one row and scanned pg_namespace once per schema, 2 s
-#: at 10,000 schemas instead of 0.2 s.
+#: table). Any other schema's log is read whole (and, if it cannot be, reported by name).
+#: Each row looks its table up by oid, a lookup per row whatever the statistics say: planned as
+#: a join, once pg_class had been analyzed the planner expected one log table after the checks
+#: and scanned the index once per log table (3,000 tenants: 0.84 s instead of 0.15 s; growing
+#: with the square of the tenants). OFFSET 0 keeps the subquery from being flattened into one.
 READ_SQL = sql.SQL(
     "SELECT h.schema_name, h.position, h.applied, h.batch FROM {heads} h "
-    "JOIN pg_class c ON c.oid = h.log_table AND c.relname = %(log)s "
-    "WHERE c.relnamespace = to_regnamespace(quote_ident(h.schema_name)) "
-    "AND h.schema_name = ANY(%(schemas)s) "
+    "CROSS JOIN LATERAL (SELECT c.oid, c.relnamespace FROM pg_class c "
+    "WHERE c.oid = h.log_table AND c.relname = %(log)s "
+    "AND c.relnamespace = to_regnamespace(quote_ident(h.schema_name)) OFFSET 0) c "
+    "WHERE h.schema_name = ANY(%(schemas)s) "
     "AND has_schema_privilege(c.relnamespace, 'USAGE') "
     "AND has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT') "
     "AND (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid "
