@@ -13,6 +13,7 @@ from . import citus, log, logindex, registry
 from .db import connect, server_params
 from .errors import LogDamaged
 from .loading import load_migrations
+from .log import AppliedMigration
 from .plan import drift_words, drifted
 from .pool import SchemaState, scan
 from .registry import Tenant
@@ -134,9 +135,10 @@ def read_status(
         scan(cursor, [t.schema for t in tenants], tenant_migrations if from_index else None)
     )
     public = Tenant(None, PUBLIC)
+    judged = _Judged(tenant_migrations)
     report = Status(
-        master=_schema_status(public, states[PUBLIC], master, settings),
-        tenants=[_schema_status(t, states[t.schema], tenant_migrations, settings) for t in tenants],
+        master=_schema_status(public, states[PUBLIC], _Judged(master), settings),
+        tenants=[_schema_status(t, states[t.schema], judged, settings) for t in tenants],
         master_head=master[-1].id if master else None,
         tenant_head=tenant_migrations[-1].id if tenant_migrations else None,
     )
@@ -146,11 +148,45 @@ def read_status(
     return report, states
 
 
+@dataclass
+class _Judgement:
+    """Where one applied list stands against the files."""
+
+    applied: list[str]
+    pending: list[str]
+    unknown: list[str]
+    changed: list[str]
+
+
+class _Judged:
+    """Judgements of applied lists against `migrations`, each list judged once: schemas the
+    heads index judges alike share one list (see pool.scan), and at 100,000 tenants judging
+    each schema's again took most of status's time."""
+
+    def __init__(self, migrations: MigrationList) -> None:
+        self.migrations = migrations
+        self._found: dict[int, tuple[list[AppliedMigration], _Judgement]] = {}
+
+    def __call__(self, applied: list[AppliedMigration]) -> _Judgement:
+        kept = self._found.get(id(applied))
+        if kept is not None and kept[0] is applied:
+            return kept[1]
+        hashes = {row.migration_hash for row in applied}
+        problems = drifted(applied, self.migrations)
+        judgement = _Judgement(
+            applied=[m.id for m in self.migrations if m.hash in hashes],
+            pending=[m.id for m in self.migrations if m.hash not in hashes],
+            unknown=[p.migration_id for p in problems if p.file is None],
+            changed=[p.migration_id for p in problems if p.file is not None],
+        )
+        self._found[id(applied)] = (applied, judgement)  # the list kept: its id stays its own
+        return judgement
+
+
 def _schema_status(
-    tenant: Tenant, state: SchemaState, migrations: MigrationList, settings: Settings
+    tenant: Tenant, state: SchemaState, judged: _Judged, settings: Settings
 ) -> SchemaStatus:
-    applied = state.applied_hashes
-    problems = drifted(state.applied, migrations)
+    judgement = judged(state.applied)
     return SchemaStatus(
         schema=tenant.schema,
         org_id=tenant.org_id,
@@ -158,10 +194,10 @@ def _schema_status(
         old_layout=state.old_layout,
         unreadable=state.unreadable,
         damage=log_damage(state, tenant, settings),
-        applied=[m.id for m in migrations if m.hash in applied],
-        pending=[m.id for m in migrations if m.hash not in applied],
-        unknown=[p.migration_id for p in problems if p.file is None],
-        changed=[p.migration_id for p in problems if p.file is not None],
+        applied=judgement.applied,
+        pending=judgement.pending,
+        unknown=judgement.unknown,
+        changed=judgement.changed,
     )
 
 
