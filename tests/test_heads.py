@@ -314,3 +314,13 @@ def test_tenants_the_index_judges_alike_are_judged_against_the_files_once(fleet)
     first = report.tenants[0]
     assert all(t.pending is first.pending and t.applied is first.applied for t in report.tenants)
     assert first.pending == [] and len(first.applied) > 0
+
+
+def test_logs_read_whole_alike_are_judged_against_the_files_once(fleet):
+    # verify reads every log whole: alike by their rows, they share one judgement too.
+    settings, _, _ = fleet
+    with psycopg2.connect(**settings.connection) as connection:
+        report, _ = inspection.read_status(settings, connection.cursor(), from_index=False)
+
+    first = report.tenants[0]
+    assert all(t.pending is first.pending and t.applied is first.applied for t in report.tenants)

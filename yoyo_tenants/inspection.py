@@ -159,28 +159,36 @@ class _Judgement:
 
 
 class _Judged:
-    """Judgements of applied lists against `migrations`, each list judged once: schemas the
-    heads index judges alike share one list (see pool.scan), and at 100,000 tenants judging
-    each schema's again took most of status's time."""
+    """Judgements of applied lists against `migrations`, each distinct list judged once: at
+    100,000 tenants, judging every tenant's list again took most of status's time. Schemas the
+    heads index judges alike share one list object (see pool.scan), found by identity; logs
+    read whole are alike by their rows."""
 
     def __init__(self, migrations: MigrationList) -> None:
         self.migrations = migrations
-        self._found: dict[int, tuple[list[AppliedMigration], _Judgement]] = {}
+        self._by_list: dict[int, tuple[list[AppliedMigration], _Judgement]] = {}
+        self._by_rows: dict[tuple, _Judgement] = {}
 
     def __call__(self, applied: list[AppliedMigration]) -> _Judgement:
-        kept = self._found.get(id(applied))
+        kept = self._by_list.get(id(applied))
         if kept is not None and kept[0] is applied:
             return kept[1]
+        rows = tuple((row.migration_id, row.checksum) for row in applied)
+        judgement = self._by_rows.get(rows)
+        if judgement is None:
+            judgement = self._by_rows[rows] = self._judge(applied)
+        self._by_list[id(applied)] = (applied, judgement)  # the list kept: its id stays its own
+        return judgement
+
+    def _judge(self, applied: list[AppliedMigration]) -> _Judgement:
         hashes = {row.migration_hash for row in applied}
         problems = drifted(applied, self.migrations)
-        judgement = _Judgement(
+        return _Judgement(
             applied=[m.id for m in self.migrations if m.hash in hashes],
             pending=[m.id for m in self.migrations if m.hash not in hashes],
             unknown=[p.migration_id for p in problems if p.file is None],
             changed=[p.migration_id for p in problems if p.file is not None],
         )
-        self._found[id(applied)] = (applied, judgement)  # the list kept: its id stays its own
-        return judgement
 
 
 def _schema_status(
