@@ -24,7 +24,8 @@ one transaction per schema (``SET LOCAL search_path TO <schema>, public``); the 
 the faster of two ways to send it, one message per schema and one round trip per statement as
 yoyo splits the files (neither always wins). For no-op and status: a Python process that imports
 psycopg2, connects and lists the registry. For verify: the same, reading every tenant's log too
-(one query per 100 schemas) and listing the ``tid_`` schemas. For provision: one connection and
+(one query per 100 schemas), listing the ``tid_`` schemas and reading every log's columns
+(what verify's log checks read). For provision: one connection and
 one transaction with the registry row, CREATE SCHEMA and the DDL.
 
 Beside the bound, for fresh, incremental and rollback, the floor of this design, "LB + log": the
@@ -175,6 +176,11 @@ for start in range(0, len(schemas), 100):
         f'SELECT {s!r}, * FROM "{s}"._yoyo_log' for s in schemas[start:start + 100]))
     cur.fetchall()
 cur.execute(r"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tid\\_%'")
+cur.fetchall()
+# verify's log checks read every log's columns: so does its bound.
+cur.execute("SELECT c.relnamespace, a.attname, a.atttypid, a.atttypmod FROM pg_class c "
+            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+            "WHERE c.relname = '_yoyo_log'")
 cur.fetchall()
 c.close()
 """
