@@ -159,7 +159,7 @@ def _from_index(
     """States of the indexed schemas, from the index and one log per distinct digest; returns
     the schemas to read whole after all (their group's log disagreed with the index)."""
     at_head = logindex.head_digest(migrations)
-    head_rows = [AppliedMigration(m.id, None, None, migration_checksum(m)) for m in migrations]
+    head_rows = [AppliedMigration(m.id, None, migration_checksum(m)) for m in migrations]
     groups: dict[str, list[str]] = {}
     for schema, (position, applied, batch) in indexed.items():
         state = states[schema]
