@@ -883,7 +883,7 @@ class Bench:
         call = {"migrate_tenants": migrate_tenants, "rollback_tenants": rollback_tenants}[command]
         run = call(settings or self.settings, jobs=self.jobs)
         if not run.ok or run.count("done") != expect_done:
-            failed = [(r.schema, r.error) for r in run.failed][:3]
+            failed = [(r.schema, str(r.failure)) for r in run.failed][:3]
             raise SystemExit(f"{command}: {run.count('done')} done, failed: {failed}")
 
     def bring_to_head(self) -> None:
@@ -1037,10 +1037,12 @@ class Bench:
             for side, db in self.side_db.items()
         }
         self.catalog_mb = round(
-            self.tool.admin.value(
-                "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = 'pg_catalog' AND c.relkind IN ('r', 'm')"
+            float(
+                self.tool.admin.value(
+                    "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = 'pg_catalog' AND c.relkind IN ('r', 'm')"
+                )
             )
             / 2**20,
             1,
@@ -1260,7 +1262,7 @@ class Bench:
         # pg_dump locks every table it dumps in one transaction: the shared lock table holds
         # max_locks_per_transaction x (max_connections + max_prepared_transactions) locks.
         locks = max(64, -(-int(tables * 1.2) // slots))
-        ops["lock_table"] = {"relations": tables, "max_locks_per_transaction": locks}
+        ops["lock_table"] = {"relations": int(tables), "max_locks_per_transaction": int(locks)}
         self.server.execute(f"ALTER SYSTEM SET max_locks_per_transaction = {locks}")
         ops["restart"] = self.restart(pgdata)
         ops["first_status_after_restart"] = self.invoke_once(["status"])
