@@ -337,3 +337,4 @@ def test_logs_read_whole_share_their_ids_and_checksums(fleet):
     assert len(first) == len(second) > 0
     assert all(a.migration_id is b.migration_id for a, b in zip(first, second, strict=True))
     assert all(a.checksum is b.checksum for a, b in zip(first, second, strict=True))
+    assert all(a is b for a, b in zip(first, second, strict=True))  # equal rows: one object

@@ -216,6 +216,7 @@ def _read_whole(cursor: Cursor, schemas: Sequence[str], states: dict[str, Schema
     if misshapen:
         _say_which_columns(cursor, misshapen, states)
     ready = [s for s in schemas if states[s].tables_ready and not states[s].damage]
+    alike: dict[AppliedMigration, AppliedMigration] = {}  # see Log.from_rows
     for start in range(0, len(ready), SCAN_CHUNK):
         chunk = ready[start : start + SCAN_CHUNK]
         try:
@@ -229,7 +230,7 @@ def _read_whole(cursor: Cursor, schemas: Sequence[str], states: dict[str, Schema
                     states[schema].unreadable = error_text(exc)
         for schema in chunk:
             if states[schema].unreadable is None:
-                states[schema].log = found = Log.from_rows(rows.get(schema, ()))
+                states[schema].log = found = Log.from_rows(rows.get(schema, ()), alike)
                 states[schema].damage = found.damage
 
 
