@@ -86,6 +86,34 @@ def test_statement_timeout_stops_a_slow_migration(project, database, tenants):
     assert "20300101000000_slow" not in applied_ids(database, tenants[0].schema)
 
 
+def test_a_migration_another_session_cancels_is_not_called_a_timeout(project, database, tenants):
+    # PostgreSQL says why a statement was canceled (its timeout, or a user's request): one
+    # SQLSTATE for both, so the tool adds nothing of its own that could be wrong.
+    write_migration(project.tenant_dir, "20300101000000_slow", "SELECT pg_sleep(3);", "")
+
+    def cancel() -> None:
+        for _ in range(100):
+            time.sleep(0.05)
+            found = query(
+                database,
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE '%%pg_sleep(3)%%' AND pid <> pg_backend_pid()",
+            )
+            if found:
+                return
+
+    canceller = threading.Thread(target=cancel)
+    canceller.start()
+    run = migrate_tenants(project, tenant=ORGS[0])
+    canceller.join()
+
+    [result] = [r for r in run.schemas if r.org_id == ORGS[0]]
+    assert result.outcome == "failed"
+    assert "canceling statement due to user request" in str(result.failure)
+    assert "timeout" not in str(result.failure)
+    assert "20300101000000_slow" not in applied_ids(database, tenants[0].schema)
+
+
 def test_timeouts_come_from_the_environment(tmp_path):
     settings = Settings.load(
         tmp_path,

@@ -26,7 +26,6 @@ from .settings import Settings, describe, printable
 _HINTS = {
     errorcodes.LOCK_NOT_AVAILABLE: "a lock was not granted in time: another session holds it; "
     "retry later",
-    errorcodes.QUERY_CANCELED: "the statement ran longer than statement_timeout",
 }
 #: What a missing pgvector fails with: its type, its files on the server, or its extension.
 _MISSING = (
