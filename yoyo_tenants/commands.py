@@ -27,6 +27,7 @@ from .inspection import damaged, log_damage, read_status
 from .loading import load_migrations
 from .log import Log
 from .plan import (
+    AlikeLists,
     ApplyPlan,
     Drift,
     Plan,
@@ -213,7 +214,10 @@ class Applying:
         self.migrations, self.allow_drift = migrations, allow_drift
 
     def planner(self, states: dict[str, SchemaState], cursor: Cursor) -> PlanFor:
-        return partial(ApplyPlan, migrations=self.migrations, allow_drift=self.allow_drift)
+        alike = AlikeLists()  # this run's: the plans of tenants the scan found alike share it
+        return partial(
+            ApplyPlan, migrations=self.migrations, allow_drift=self.allow_drift, alike=alike
+        )
 
 
 class RollingBack:

@@ -35,18 +35,26 @@ class ApplyPlan:
 
     operation = "apply"
 
-    def __init__(self, schema: str, migrations: MigrationList, allow_drift: bool = False) -> None:
+    def __init__(
+        self,
+        schema: str,
+        migrations: MigrationList,
+        allow_drift: bool = False,
+        alike: AlikeLists | None = None,
+    ) -> None:
         self.schema, self.migrations, self.allow_drift = schema, migrations, allow_drift
         self.hooks: Sequence[Migration] = migrations.post_apply
         self.batch: int | None = None
         #: The log it was last asked about, and its answer: a run asks once when it scans and
         #: again when the engine starts on the same log.
         self._chose: tuple[Log, list[Migration]] | None = None
+        #: Answers by applied list, shared by the plans of one run (see AlikeLists).
+        self._alike = alike or AlikeLists()
 
     def choose(self, log: Log) -> list[Migration]:
         if self._chose is not None and self._chose[0] is log:
             return self._chose[1]
-        problems, todo = _pending(self.migrations, tuple(log.applied), self.allow_drift)
+        problems, todo = self._alike.pending(self.migrations, log.applied, self.allow_drift)
         if problems:
             raise Drift(self.schema, problems)
         if self.batch is None:  # one batch for the whole run, even over several transactions
@@ -165,6 +173,28 @@ def _pending(
         problems = [] if allow_drift else drift(applied, migrations)
         known[key] = (problems, [] if problems else pending(migrations, applied))
     return known[key]
+
+
+class AlikeLists:
+    """One run's answers by applied list object: the scan gives every tenant at head (and every
+    tenant of one group) the same list, and at 100,000 tenants making each one's key for the
+    answers by content took half a second. Kept for one run only: it holds the lists."""
+
+    def __init__(self) -> None:
+        self._found: dict[
+            tuple[int, bool], tuple[list[AppliedMigration], tuple[list[str], list[Migration]]]
+        ] = {}
+
+    def pending(
+        self, migrations: MigrationList, applied: list[AppliedMigration], allow_drift: bool
+    ) -> tuple[list[str], list[Migration]]:
+        key = (id(applied), allow_drift)
+        kept = self._found.get(key)
+        if kept is not None and kept[0] is applied:
+            return kept[1]
+        found = _pending(migrations, tuple(applied), allow_drift)
+        self._found[key] = (applied, found)
+        return found
 
 
 def pending(migrations: MigrationList, applied: Sequence[AppliedMigration]) -> list[Migration]:
