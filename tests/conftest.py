@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from hypothesis import HealthCheck, settings
 from psycopg2 import sql
 
 from yoyo_tenants import embedded
@@ -213,28 +214,37 @@ def user_env(params=None, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_program(cwd, *args: str, env: dict[str, str], timeout: float = 120):
-    """`yoyo-tenants ARGS` (as `python -m yoyo_tenants`) in `cwd`, its output captured."""
+def on_a_database(examples: int) -> settings:
+    """Hypothesis settings for a property tried on a real database: a few examples, no deadline
+    (a server round trip varies), and a function-scoped fixture shared by the examples, each of
+    which makes objects of its own."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+def run_module(module: str, cwd, *args: str, env: dict[str, str], timeout: float = 120):
+    """`python -m MODULE ARGS` in `cwd`, its output captured (not a terminal)."""
     return subprocess.run(
-        [sys.executable, "-m", "yoyo_tenants", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_program(cwd, *args: str, env: dict[str, str], timeout: float = 120):
+    """`yoyo-tenants ARGS` (as `python -m yoyo_tenants`) in `cwd`."""
+    return run_module("yoyo_tenants", cwd, *args, env=env, timeout=timeout)
 
 
 def run_invoke(cwd, *args: str, env: dict[str, str], timeout: float = 120):
-    """`invoke ARGS` in `cwd`, its output captured (not a terminal)."""
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """`invoke ARGS` in `cwd`."""
+    return run_module("invoke", cwd, *args, env=env, timeout=timeout)
 
 
 # -- a server that logs every message it receives --------------------------------------------------

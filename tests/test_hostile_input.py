@@ -2,7 +2,7 @@
 and a refusal leaves every schema and the registry exactly as they were."""
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from yoyo_tenants import make_migration, migrate_master, migrate_tenants, provision_tenant
@@ -10,7 +10,7 @@ from yoyo_tenants.errors import ConfigError, TenantsError, UnknownTenant, UsageE
 from yoyo_tenants.registry import ORG_ID
 from yoyo_tenants.settings import VARIABLES, connection_params, describe
 
-from .conftest import query
+from .conftest import on_a_database, query
 
 HOSTILE = st.one_of(
     st.text(max_size=80),
@@ -33,11 +33,7 @@ HOSTILE = st.one_of(
     ),
     st.text(alphabet="org_abcXYZ019;'\"\\ -\x00", max_size=40).map(lambda s: "org_" + s),
 )
-FAST = settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+FAST = on_a_database(60)
 
 
 def snapshot(params):

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import psycopg2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from psycopg2 import sql
 
@@ -24,7 +24,16 @@ from yoyo_tenants import (
 )
 from yoyo_tenants.log import LAYOUT
 
-from .conftest import REPO, TENANT_IDS, applied_ids, query, run_invoke, user_env, write_migration
+from .conftest import (
+    REPO,
+    TENANT_IDS,
+    applied_ids,
+    on_a_database,
+    query,
+    run_invoke,
+    user_env,
+    write_migration,
+)
 
 ADD = "20300101000000_add_nickname"
 
@@ -123,14 +132,9 @@ def test_without_the_heads_index_a_run_finds_damage_in_every_log_it_reads(projec
     assert applied_ids(database, sound.schema) == [*TENANT_IDS, ADD]
 
 
-def test_tenants_behind_alike_are_each_checked_when_their_groups_log_is_damaged(
-    project, database, fleet
-):
-    """The heads index groups tenants by what they applied and reads one log per group (here
-    the damaged one's: a duplicated row leaves what it applied as it was); that log being
-    damaged, each of the group is read whole, and only the damaged one refused."""
-    damaged, sound = fleet
-    damage(database, damaged.schema, KINDS["row-duplicated"][0])
+def only_the_duplicated_row_is_refused(project, database, damaged, sound) -> None:
+    """A deploy to both: the tenant whose log has a row twice is refused and left as it was,
+    the sound one migrated."""
     write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname TEXT;")
     before = as_it_is(database, damaged.schema)
 
@@ -140,6 +144,17 @@ def test_tenants_behind_alike_are_each_checked_when_their_groups_log_is_damaged(
     assert "id 2 is there twice" in str(results[damaged.schema].failure)
     assert as_it_is(database, damaged.schema) == before
     assert results[sound.schema].migrations == [ADD]
+
+
+def test_tenants_behind_alike_are_each_checked_when_their_groups_log_is_damaged(
+    project, database, fleet
+):
+    """The heads index groups tenants by what they applied and reads one log per group (here
+    the damaged one's: a duplicated row leaves what it applied as it was); that log being
+    damaged, each of the group is read whole, and only the damaged one refused."""
+    damaged, sound = fleet
+    damage(database, damaged.schema, KINDS["row-duplicated"][0])
+    only_the_duplicated_row_is_refused(project, database, damaged, sound)
 
 
 def test_verify_leaves_a_damaged_log_unindexed_so_that_runs_read_it_and_refuse_it(
@@ -152,15 +167,7 @@ def test_verify_leaves_a_damaged_log_unindexed_so_that_runs_read_it_and_refuse_i
     sound, damaged = [provision_tenant(project, org).tenant for org in ("org_a1", "org_b1")]
     damage(database, damaged.schema, KINDS["row-duplicated"][0])
     assert verify(project) == [f"org_b1 ({damaged.schema}): log damaged: id 2 is there twice"]
-    write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname TEXT;")
-    before = as_it_is(database, damaged.schema)
-
-    run = migrate_tenants(project)
-
-    results = {r.schema: r for r in run.schemas}
-    assert "id 2 is there twice" in str(results[damaged.schema].failure)
-    assert as_it_is(database, damaged.schema) == before
-    assert results[sound.schema].migrations == [ADD]
+    only_the_duplicated_row_is_refused(project, database, damaged, sound)
 
 
 def test_a_damaged_log_in_public_fails_verify_and_migrate_master(project, database):
@@ -247,11 +254,7 @@ DAMAGE = st.one_of(
 COUNTER = itertools.count()
 
 
-@settings(
-    max_examples=15,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@on_a_database(15)
 @given(statement=DAMAGE)
 def test_any_damage_fails_verify_and_a_run_leaves_the_tenant_as_it_is(project, database, statement):
     if not registry_made(project):

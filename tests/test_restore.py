@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from psycopg2 import sql
 
@@ -28,7 +28,15 @@ from yoyo_tenants.settings import Settings
 
 from . import servers
 from .archives import Archive
-from .conftest import TENANT_IDS, applied_ids, copy_migrations, query, run_invoke, user_env
+from .conftest import (
+    TENANT_IDS,
+    applied_ids,
+    copy_migrations,
+    on_a_database,
+    query,
+    run_invoke,
+    user_env,
+)
 
 LIVE = "org_live1"
 
@@ -501,11 +509,7 @@ LISTED_EDIT = st.tuples(
 EDIT = st.one_of(SQL_EDIT, SQL_EDIT, LISTED_EDIT)
 
 
-@settings(
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@on_a_database(20)
 @given(edits=st.lists(EDIT, min_size=1, max_size=3))
 def test_any_edit_of_an_archives_table_of_contents_changes_nothing_outside_its_schema(
     project, database, archived, tmp_path, edits

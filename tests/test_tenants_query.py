@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import psycopg2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from psycopg2 import sql
 
@@ -21,7 +21,16 @@ from yoyo_tenants import (
 )
 from yoyo_tenants.errors import ConfigError, NotReady
 
-from .conftest import MASTER_IDS, REPO, TENANT_IDS, applied_ids, query, run_invoke, user_env
+from .conftest import (
+    MASTER_IDS,
+    REPO,
+    TENANT_IDS,
+    applied_ids,
+    on_a_database,
+    query,
+    run_invoke,
+    user_env,
+)
 
 ACCOUNTS = "SELECT slug, 'acct_' || slug FROM public.accounts"
 
@@ -198,11 +207,7 @@ def values_query(cursor, rows) -> str:
     )
 
 
-@settings(
-    max_examples=15,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@on_a_database(15)
 @given(rows=ROWS)
 def test_any_rows_are_migrated_only_if_every_one_is_a_tenant(accounts, database, rows):
     query(database, 'CREATE SCHEMA IF NOT EXISTS "Acct Mixed"')

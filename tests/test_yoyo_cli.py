@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from urllib.parse import urlencode
 
@@ -24,6 +23,7 @@ from .conftest import (
     Admin,
     applied_ids,
     query,
+    run_module,
     tables,
     write_migration,
 )
@@ -38,14 +38,7 @@ def uri(db, schema: str) -> str:
 
 def yoyo(cwd, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")}
-    return subprocess.run(
-        [sys.executable, "-m", "yoyo", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("yoyo", cwd, *args, env=env)
 
 
 def log_rows(db, schema: str) -> list[tuple[str, str]]:
