@@ -27,7 +27,6 @@ from .inspection import damaged, log_damage, read_status
 from .loading import load_migrations
 from .log import Log
 from .plan import (
-    AlikeLists,
     ApplyPlan,
     Drift,
     Plan,
@@ -35,6 +34,7 @@ from .plan import (
     RollbackPlan,
     RollbackTarget,
     migration_sql,
+    pending_by_list,
 )
 from .pool import RunResult, SchemaState, run_schemas, scan
 from .registry import Tenant
@@ -214,7 +214,8 @@ class Applying:
         self.migrations, self.allow_drift = migrations, allow_drift
 
     def planner(self, states: dict[str, SchemaState], cursor: Cursor) -> PlanFor:
-        alike = AlikeLists()  # this run's: the plans of tenants the scan found alike share it
+        # This run's: the plans of tenants the scan found alike share their answers.
+        alike = pending_by_list(self.migrations, self.allow_drift)
         return partial(
             ApplyPlan, migrations=self.migrations, allow_drift=self.allow_drift, alike=alike
         )

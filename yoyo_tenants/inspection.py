@@ -14,7 +14,7 @@ from .db import connect, server_params
 from .errors import LogDamaged
 from .loading import load_migrations
 from .log import AppliedMigration
-from .plan import drift_words, drifted
+from .plan import ByList, drift_words, drifted
 from .pool import SchemaState, scan
 from .registry import Tenant
 from .settings import Settings
@@ -135,9 +135,9 @@ def read_status(
         scan(cursor, [t.schema for t in tenants], tenant_migrations if from_index else None)
     )
     public = Tenant(None, PUBLIC)
-    judged = _Judged(tenant_migrations)
+    judged = _judged(tenant_migrations)
     report = Status(
-        master=_schema_status(public, states[PUBLIC], _Judged(master), settings),
+        master=_schema_status(public, states[PUBLIC], _judged(master), settings),
         tenants=[_schema_status(t, states[t.schema], judged, settings) for t in tenants],
         master_head=master[-1].id if master else None,
         tenant_head=tenant_migrations[-1].id if tenant_migrations else None,
@@ -158,41 +158,30 @@ class _Judgement:
     changed: list[str]
 
 
-class _Judged:
+def _judged(migrations: MigrationList) -> ByList[_Judgement]:
     """Judgements of applied lists against `migrations`, each distinct list judged once: at
-    100,000 tenants, judging every tenant's list again took most of status's time. Schemas the
-    heads index judges alike share one list object (see pool.scan), found by identity; logs
-    read whole are alike by their rows."""
+    100,000 tenants, judging every tenant's list again took most of status's time. Lists the
+    heads index shares are found by identity (ByList), logs read whole alike by their rows."""
+    by_rows: dict[tuple, _Judgement] = {}
 
-    def __init__(self, migrations: MigrationList) -> None:
-        self.migrations = migrations
-        self._by_list: dict[int, tuple[list[AppliedMigration], _Judgement]] = {}
-        self._by_rows: dict[tuple, _Judgement] = {}
-
-    def __call__(self, applied: list[AppliedMigration]) -> _Judgement:
-        kept = self._by_list.get(id(applied))
-        if kept is not None and kept[0] is applied:
-            return kept[1]
+    def judge(applied: list[AppliedMigration]) -> _Judgement:
         rows = tuple((row.migration_id, row.checksum) for row in applied)
-        judgement = self._by_rows.get(rows)
-        if judgement is None:
-            judgement = self._by_rows[rows] = self._judge(applied)
-        self._by_list[id(applied)] = (applied, judgement)  # the list kept: its id stays its own
-        return judgement
+        if rows not in by_rows:
+            hashes = {row.migration_hash for row in applied}
+            problems = drifted(applied, migrations)
+            by_rows[rows] = _Judgement(
+                applied=[m.id for m in migrations if m.hash in hashes],
+                pending=[m.id for m in migrations if m.hash not in hashes],
+                unknown=[p.migration_id for p in problems if p.file is None],
+                changed=[p.migration_id for p in problems if p.file is not None],
+            )
+        return by_rows[rows]
 
-    def _judge(self, applied: list[AppliedMigration]) -> _Judgement:
-        hashes = {row.migration_hash for row in applied}
-        problems = drifted(applied, self.migrations)
-        return _Judgement(
-            applied=[m.id for m in self.migrations if m.hash in hashes],
-            pending=[m.id for m in self.migrations if m.hash not in hashes],
-            unknown=[p.migration_id for p in problems if p.file is None],
-            changed=[p.migration_id for p in problems if p.file is not None],
-        )
+    return ByList(judge)
 
 
 def _schema_status(
-    tenant: Tenant, state: SchemaState, judged: _Judged, settings: Settings
+    tenant: Tenant, state: SchemaState, judged: ByList[_Judgement], settings: Settings
 ) -> SchemaStatus:
     judgement = judged(state.applied)
     return SchemaStatus(

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Generic, NamedTuple, Protocol, TypeVar
 from weakref import WeakKeyDictionary
 
 from yoyo.migrations import Migration, MigrationList, topological_sort
 
 from .errors import Drift, MigrationsMissing, UsageError, WouldEmpty, few
 from .log import ACCEPT, AppliedMigration, Log, migration_checksum
+
+T = TypeVar("T")
 
 
 class Plan(Protocol):
@@ -40,7 +42,7 @@ class ApplyPlan:
         schema: str,
         migrations: MigrationList,
         allow_drift: bool = False,
-        alike: AlikeLists | None = None,
+        alike: ByList[Pending] | None = None,
     ) -> None:
         self.schema, self.migrations, self.allow_drift = schema, migrations, allow_drift
         self.hooks: Sequence[Migration] = migrations.post_apply
@@ -48,13 +50,13 @@ class ApplyPlan:
         #: The log it was last asked about, and its answer: a run asks once when it scans and
         #: again when the engine starts on the same log.
         self._chose: tuple[Log, list[Migration]] | None = None
-        #: Answers by applied list, shared by the plans of one run (see AlikeLists).
-        self._alike = alike or AlikeLists()
+        #: Answers by applied list, shared by the plans of one run (see ByList).
+        self._alike = alike or pending_by_list(migrations, allow_drift)
 
     def choose(self, log: Log) -> list[Migration]:
         if self._chose is not None and self._chose[0] is log:
             return self._chose[1]
-        problems, todo = self._alike.pending(self.migrations, log.applied, self.allow_drift)
+        problems, todo = self._alike(log.applied)
         if problems:
             raise Drift(self.schema, problems)
         if self.batch is None:  # one batch for the whole run, even over several transactions
@@ -175,26 +177,32 @@ def _pending(
     return known[key]
 
 
-class AlikeLists:
-    """One run's answers by applied list object: the scan gives every tenant at head (and every
-    tenant of one group) the same list, and at 100,000 tenants making each one's key for the
-    answers by content took half a second. Kept for one run only: it holds the lists."""
+class ByList(Generic[T]):
+    """An answer about an applied list, worked out once per list object: the scan gives every
+    tenant at head, and every tenant of one group, the same list (see pool.scan), and at 100,000
+    tenants even making each one's key for an answer by content took half a second. It keeps
+    the lists it answered (so that an id stays their own): make one per run."""
 
-    def __init__(self) -> None:
-        self._found: dict[
-            tuple[int, bool], tuple[list[AppliedMigration], tuple[list[str], list[Migration]]]
-        ] = {}
+    def __init__(self, answer: Callable[[list[AppliedMigration]], T]) -> None:
+        self._answer = answer
+        self._found: dict[int, tuple[list[AppliedMigration], T]] = {}
 
-    def pending(
-        self, migrations: MigrationList, applied: list[AppliedMigration], allow_drift: bool
-    ) -> tuple[list[str], list[Migration]]:
-        key = (id(applied), allow_drift)
-        kept = self._found.get(key)
+    def __call__(self, applied: list[AppliedMigration]) -> T:
+        kept = self._found.get(id(applied))
         if kept is not None and kept[0] is applied:
             return kept[1]
-        found = _pending(migrations, tuple(applied), allow_drift)
-        self._found[key] = (applied, found)
-        return found
+        answer = self._answer(applied)
+        self._found[id(applied)] = (applied, answer)
+        return answer
+
+
+#: What is pending and the drift, for one applied list.
+Pending = tuple[list[str], list[Migration]]
+
+
+def pending_by_list(migrations: MigrationList, allow_drift: bool) -> ByList[Pending]:
+    """What is pending for each applied list a run meets (see ByList)."""
+    return ByList(lambda applied: _pending(migrations, tuple(applied), allow_drift))
 
 
 def pending(migrations: MigrationList, applied: Sequence[AppliedMigration]) -> list[Migration]:
