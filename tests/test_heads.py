@@ -361,3 +361,27 @@ def test_a_runs_plans_answer_once_for_tenants_the_scan_found_alike(fleet):
     shared = plans[0]._alike
     assert all(plan._alike is shared for plan in plans)
     assert len(shared._found) == 1  # one applied list for all of them, answered once
+
+
+def test_an_index_row_naming_another_tenants_log_is_not_trusted(project):
+    # A hostile or hand-edited index row: tenant A's row names tenant B's log (B at head, A
+    # behind). The scan takes a row only for the log table in its own schema, so A's own log is
+    # read and A is migrated, not judged at head from B's.
+    migrate_master(project)
+    behind, ahead = (provision_tenant(project, org).tenant for org in ORGS[:2])
+    write_migration(project.tenant_dir, ADD, "ALTER TABLE org_users ADD COLUMN nickname TEXT;")
+    assert migrate_tenants(project, tenant=ORGS[1]).ok
+    query(
+        project.connection,
+        "UPDATE public.yoyo_tenants_heads h SET log_table = o.log_table, position = o.position,"
+        " applied = o.applied FROM public.yoyo_tenants_heads o"
+        " WHERE h.schema_name = %s AND o.schema_name = %s",
+        (behind.schema, ahead.schema),
+    )
+
+    run = migrate_tenants(project)
+
+    results = {r.schema: r for r in run.schemas}
+    assert results[behind.schema].migrations == [ADD]
+    assert "nickname" in columns(project.connection, behind.schema, "org_users")
+    assert verify(project) == []
